@@ -56,6 +56,7 @@ class TaskConfig(Strict):
     labels: list[str] = Field(default_factory=list)  # classes, or entity/POS types of a token task
     scheme: TagScheme = "bio"  # tag scheme the task trains on; any input scheme is converted
     crf: bool = False  # token tasks: CRF layer over the emissions
+    output: Literal["spans", "words", "tagged_words"] = "spans"  # token tasks: shape of a prediction
     layer: int = -1  # hierarchical sharing: encoder layer the head reads (-1 = top, 0 = embeddings)
     sharing: Literal["hard", "soft"] = "hard"  # soft: private copies of the top layers, L2-tied
     soft_layers: int = 1  # soft sharing: how many top layers the task owns
@@ -86,8 +87,9 @@ def _default_tasks() -> dict[str, TaskConfig]:
     return {
         "sentiment": TaskConfig(type="classification", bundled="sentiment", labels=["negative", "positive"]),
         "ner": TaskConfig(type="token_classification", bundled="ner", labels=["PER", "LOC", "ORG"], scheme="bio"),
-        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", layer=2),
-        "pos": TaskConfig(type="token_classification", bundled="pos", labels=PEOPLES_DAILY_POS, scheme="bio"),
+        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", layer=2, output="words"),
+        "pos": TaskConfig(type="token_classification", bundled="pos", labels=PEOPLES_DAILY_POS, scheme="bio",
+                          output="tagged_words"),
         "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"]),
         "mlm": TaskConfig(type="mlm", bundled="mlm"),
     }

@@ -1,0 +1,145 @@
+"""Per-task evaluation on a prepared split, through the same code path as prediction.
+
+Metrics: classification and pairs -> accuracy, macro_f1; token tasks -> accuracy (per token) and
+span precision/recall/F1 by seqeval (entity F1 for NER, word F1 for segmentation, joint word+tag
+F1 for POS; F1 per type when a task has at most 10 types); MLM -> masked-token accuracy and
+perplexity. `multi_task_gain` compares against single-task runs (delta-m).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks_mtl.config import Config, TaskConfig
+from tasks_mtl.predict import Predictor, lenient_spans
+
+PER_TYPE_LIMIT = 10  # report F1 per type only for tasks with few types (NER, not the 44 POS tags)
+
+
+def classification_metrics(pred: list[int], gold: list[int], num_labels: int) -> dict[str, float]:
+    from sklearn.metrics import f1_score
+
+    return {
+        "accuracy": float(np.mean(np.asarray(pred) == np.asarray(gold))) if gold else 0.0,
+        "macro_f1": float(f1_score(gold, pred, labels=list(range(num_labels)), average="macro", zero_division=0)),
+    }
+
+
+def _iob2(tags: list[str], scheme: str) -> list[str]:
+    """Any scheme -> IOB2 strings for seqeval; untyped spans (segmentation) get the type W."""
+    out = ["O"] * len(tags)
+    for start, end, kind in lenient_spans(tags, scheme):
+        kind = kind or "W"
+        out[start] = f"B-{kind}"
+        for i in range(start + 1, end):
+            out[i] = f"I-{kind}"
+    return out
+
+
+def tagging_metrics(pred: list[list[str]], gold: list[list[str]], cfg: TaskConfig) -> dict[str, float]:
+    from seqeval.metrics import classification_report
+
+    flat_pred = [t for seq in pred for t in seq]
+    flat_gold = [t for seq in gold for t in seq]
+    ref = [_iob2(g, cfg.scheme) for g in gold]
+    hyp = [_iob2(p, cfg.scheme) for p in pred]
+    report = classification_report(ref, hyp, output_dict=True, zero_division=0)
+    micro = report["micro avg"]
+    metrics = {
+        "accuracy": float(np.mean(np.asarray(flat_pred) == np.asarray(flat_gold))) if flat_gold else 0.0,
+        "precision": float(micro["precision"]),
+        "recall": float(micro["recall"]),
+        "f1": float(micro["f1-score"]),
+    }
+    if 0 < len(cfg.labels) <= PER_TYPE_LIMIT:
+        for kind in cfg.labels:
+            metrics[f"f1_{kind}"] = float(report.get(kind, {}).get("f1-score", 0.0))
+    return metrics
+
+
+@torch.no_grad()
+def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) -> dict[str, float]:
+    """Masked-token accuracy and perplexity with a fixed masking seed (same masks for every model)."""
+    model, tokenizer = predictor.model, predictor.tokenizer
+    collate = model.task_types[task].collator(tokenizer, seed=seed)
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(texts), predictor.batch_size):
+        enc = tokenizer(texts[start:start + predictor.batch_size], truncation=True, max_length=predictor.window,
+                        return_special_tokens_mask=True)
+        rows = [{k: enc[k][i] for k in enc} for i in range(len(enc["input_ids"]))]
+        batch = {k: v.to(predictor.device) for k, v in collate(rows).items()}
+        labels = batch["labels"]
+        selected = labels != -100
+        if not selected.any():
+            continue
+        logits = model.heads[task](model.task_hidden(task, batch)[selected]).float()  # (M, V)
+        total_loss += float(torch.nn.functional.cross_entropy(logits, labels[selected], reduction="sum"))
+        correct += int((logits.argmax(-1) == labels[selected]).sum())
+        count += int(selected.sum())
+    if count == 0:
+        return {"accuracy": 0.0, "perplexity": float("inf")}
+    return {"accuracy": correct / count, "perplexity": math.exp(min(total_loss / count, 50.0))}
+
+
+def evaluate(cfg: Config, checkpoint_dir: Path, split: str = "test", predictor: Predictor | None = None,
+             ) -> dict[str, dict[str, float]]:
+    """task -> metric -> value for every task of the checkpoint that the run configures."""
+    from tasks_mtl.data.prepare import read_split
+
+    predictor = predictor or Predictor.from_dir(checkpoint_dir, batch_size=cfg.training.eval_batch_size)
+    results: dict[str, dict[str, float]] = {}
+    for name, task in predictor.tasks.items():
+        if name not in cfg.tasks:
+            continue
+        rows = read_split(cfg, name, split)
+        if task.type in ("classification", "pair_classification"):
+            texts = [r["text"] for r in rows]
+            pairs = [r["text_pair"] for r in rows] if task.type == "pair_classification" else None
+            pred = predictor.class_probs(name, texts, pairs).argmax(-1).tolist()
+            gold = [task.labels.index(r["label"]) for r in rows]
+            results[name] = classification_metrics(pred, gold, len(task.labels))
+        elif task.type == "token_classification":
+            pred_tags = predictor.token_tags(name, [r["tokens"] for r in rows])
+            results[name] = tagging_metrics(pred_tags, [r["tags"] for r in rows], task)
+        elif task.type == "mlm":
+            results[name] = mlm_metrics(predictor, name, [r["text"] for r in rows], cfg.seed)
+        results[name]["examples"] = float(len(rows))
+    return results
+
+
+def final_checkpoint(cfg: Config) -> Path:
+    from tasks_mtl.train import stage_dir
+
+    return stage_dir(cfg, len(cfg.training.stages) - 1)
+
+
+def evaluate_to_report(cfg: Config, checkpoint: Path | None = None, split: str = "test") -> dict:
+    """Evaluate and write reports/metrics.json ({task: {metric: value}})."""
+    metrics = evaluate(cfg, checkpoint or final_checkpoint(cfg), split)
+    out = cfg.path(cfg.reports_dir) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rounded = {t: {k: round(v, 6) for k, v in m.items()} for t, m in metrics.items()}
+    out.write_text(json.dumps(rounded, indent=2, sort_keys=True) + "\n")
+    return rounded
+
+
+def multi_task_gain(mtl: dict[str, dict[str, float]], single: dict[str, dict[str, float]],
+                    lower_is_better: tuple[str, ...] = ("perplexity", "loss")) -> dict[str, float]:
+    """Delta-m per task: mean relative change (in %) of each metric vs. a single-task run of the same budget,
+    signed so that positive means the multi-task model is better (Maninis et al. 2019; Vandenhende et al. 2021)."""
+    gains = {}
+    for task, base in single.items():
+        changes = []
+        for metric, b in base.items():
+            if metric == "examples" or metric not in mtl.get(task, {}) or b == 0:
+                continue
+            sign = -1.0 if metric in lower_is_better else 1.0
+            changes.append(sign * (mtl[task][metric] - b) / abs(b))
+        if changes:
+            gains[task] = 100.0 * float(np.mean(changes))
+    return gains

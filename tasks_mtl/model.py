@@ -1,0 +1,131 @@
+"""The multi-task model: one shared BERT encoder, one head per task.
+
+Sharing schemes, chosen per task in the config:
+- hard (default): the head reads the top layer;
+- hierarchical: the head reads a lower layer (`layer: k`, 0 = embeddings), so low-level tasks such
+  as segmentation can sit low and sentence tasks on top; the encoder only runs as deep as needed;
+- soft: the task owns private copies of the top `soft_layers` layers, tied to the shared ones by an
+  L2 penalty (`soft_l2`) added to that task's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from tasks_mtl.config import Config, TaskConfig
+from tasks_mtl.tasks import build_task
+
+
+def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
+    """A BERT encoder: loaded from a local directory, or a small one built from config (random init)."""
+    from transformers import BertConfig, BertModel
+
+    if cfg.encoder.pretrained is not None:
+        from tasks_mtl.tokenization import _require_local_model
+
+        path = _require_local_model(cfg.path(cfg.encoder.pretrained))
+        return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
+    e = cfg.encoder
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=e.hidden, num_hidden_layers=e.layers, num_attention_heads=e.heads,
+        intermediate_size=e.intermediate, max_position_embeddings=e.max_positions, hidden_dropout_prob=e.dropout,
+        attention_probs_dropout_prob=e.dropout, pad_token_id=pad_token_id,
+    )
+    return BertModel(config, add_pooling_layer=False)
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, bert: nn.Module, tasks: dict[str, TaskConfig]):
+        super().__init__()
+        self.bert = bert
+        self.task_cfgs = dict(tasks)
+        self.task_types = {name: build_task(name, t) for name, t in tasks.items()}
+        hidden = bert.config.hidden_size
+        depth = bert.config.num_hidden_layers
+        words = bert.embeddings.word_embeddings
+        self.heads = nn.ModuleDict({n: t.build_head(hidden, words) for n, t in self.task_types.items()})
+        self.private = nn.ModuleDict({
+            n: nn.ModuleList(copy.deepcopy(bert.encoder.layer[depth - t.soft_layers:]))
+            for n, t in tasks.items() if t.sharing == "soft"
+        })
+
+    @property
+    def depth(self) -> int:
+        return self.bert.config.num_hidden_layers
+
+    def read_layer(self, task: str) -> int:
+        """Index into the hidden states the task's head reads (0 = embeddings, depth = top)."""
+        cfg = self.task_cfgs[task]
+        if cfg.sharing == "soft":
+            return self.depth
+        layer = cfg.layer if cfg.layer >= 0 else self.depth + 1 + cfg.layer
+        if not 0 <= layer <= self.depth:
+            raise ValueError(f"task {task!r}: layer {cfg.layer} outside 0..{self.depth}")
+        return layer
+
+    def encode(self, batch: dict, upto: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run embeddings and the first `upto` shared layers: (B, T) ids -> (B, T, H), plus the attention mask."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        hidden = self.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden,
+                                         attention_mask=batch["attention_mask"])
+        for layer in self.bert.encoder.layer[:upto]:
+            hidden = layer(hidden, mask)
+        return hidden, mask
+
+    def task_hidden(self, task: str, batch: dict) -> torch.Tensor:
+        """The hidden states (B, T, H) the task's head reads."""
+        private = self.private[task] if task in self.private else None
+        if private is None:
+            return self.encode(batch, self.read_layer(task))[0]
+        hidden, mask = self.encode(batch, self.depth - len(private))
+        for layer in private:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def soft_penalty(self, task: str) -> torch.Tensor | None:
+        """L2 distance of a soft-shared task's private layers from the shared ones, times soft_l2."""
+        if task not in self.private:
+            return None
+        private = self.private[task]
+        shared = self.bert.encoder.layer[self.depth - len(private):]
+        dist = sum(((p - s) ** 2).sum() for p, s in zip(private.parameters(), shared.parameters()))
+        return self.task_cfgs[task].soft_l2 * dist
+
+    def forward(self, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits of one task on one of its batches."""
+        loss, logits = self.task_types[task].loss(self.heads[task], self.task_hidden(task, batch), batch)
+        penalty = self.soft_penalty(task)
+        return (loss if penalty is None else loss + penalty), logits
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Encoder parameters that train (what gradient-surgery methods operate on)."""
+        return [p for p in self.bert.parameters() if p.requires_grad]
+
+    def private_parameters(self) -> list[nn.Parameter]:
+        """Task-specific parameters that train: heads and soft-sharing layers."""
+        return [p for p in [*self.heads.parameters(), *self.private.parameters()] if p.requires_grad]
+
+    def freeze(self, freeze_layers: int | str) -> None:
+        """Freeze the whole encoder ("all"), nothing ("none"), or the embeddings and the bottom k layers."""
+        for p in self.bert.parameters():
+            p.requires_grad = freeze_layers != "all"
+        if isinstance(freeze_layers, int):
+            frozen = [self.bert.embeddings, *self.bert.encoder.layer[:freeze_layers]]
+            for module in frozen:
+                for p in module.parameters():
+                    p.requires_grad = False
+        for p in [*self.heads.parameters(), *self.private.parameters()]:
+            p.requires_grad = True
+
+    def encoder_layer_of(self, name: str) -> int:
+        """Depth of a `bert.` parameter for layer-wise LR decay: 0 embeddings, i+1 for layer i."""
+        if name.startswith("embeddings."):
+            return 0
+        if name.startswith("encoder.layer."):
+            return int(name.split(".")[2]) + 1
+        return self.depth

@@ -1,0 +1,206 @@
+"""Prediction: `Predictor.from_dir(path).predict(texts)` returns the records of the contract.
+
+Long inputs never crash: classification averages the class probabilities of overlapping windows;
+token tasks take each character's emissions from the window where it sits farthest from an edge,
+then decode the whole text at once (argmax, or Viterbi when the head has a CRF).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks_mtl.checkpoint import load_checkpoint
+
+STRIDE = 32  # tokens of overlap between windows: context on both sides of a window's edge
+
+
+class PredictionInputError(ValueError):
+    """A prediction request that cannot be served (missing or non-string text, bad JSON line)."""
+
+
+def lenient_spans(tags: list[str], scheme: str) -> list[tuple[int, int, str | None]]:
+    """Spans (start, end exclusive, type) from predicted tags that may be ill-formed.
+
+    B/S open a span, I/M/E continue one of the same type (or open one if none is open), E/S close it,
+    O closes. Works for BIO, BIOES and BMES, typed or not.
+    """
+    spans: list[list] = []
+    open_span = False
+    for i, tag in enumerate(tags):
+        prefix, _, kind = tag.partition("-")
+        kind = kind or None
+        if prefix == "O":
+            open_span = False
+            continue
+        if prefix in ("B", "S") or not open_span or spans[-1][2] != kind:
+            spans.append([i, i + 1, kind])
+        else:
+            spans[-1][1] = i + 1
+        open_span = prefix not in ("E", "S", "L", "U")
+    return [tuple(s) for s in spans]
+
+
+class Predictor:
+    def __init__(self, model, tokenizer, meta: dict, device: torch.device, batch_size: int = 32):
+        self.model, self.tokenizer, self.meta, self.device = model.eval(), tokenizer, meta, device
+        self.batch_size = batch_size
+        self.window = min(meta["max_length"], model.bert.config.max_position_embeddings)
+        self.tasks = model.task_cfgs
+
+    @classmethod
+    def from_dir(cls, path: Path | str, device: str | None = None, batch_size: int = 32) -> "Predictor":
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, tokenizer, meta = load_checkpoint(Path(path), device=dev)
+        return cls(model, tokenizer, meta, dev, batch_size)
+
+    # -- raw outputs --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _logits(self, task: str, enc: dict) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.model.heads[task](self.model.task_hidden(task, batch)).float()
+
+    def class_probs(self, task: str, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        """(N, C) class probabilities; single texts longer than the window average over windows."""
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            if pairs is None:
+                enc = self.tokenizer(chunk, truncation=True, max_length=self.window, stride=STRIDE,
+                                     return_overflowing_tokens=True, padding=True, return_tensors="pt")
+                owner = enc.pop("overflow_to_sample_mapping")
+            else:
+                enc = self.tokenizer(chunk, pairs[start:start + self.batch_size], truncation="longest_first",
+                                     max_length=self.window, padding=True, return_tensors="pt")
+                owner = torch.arange(len(chunk))
+            probs = torch.softmax(self._logits(task, enc), -1).cpu()  # (F, C)
+            summed = torch.zeros(len(chunk), probs.shape[1]).index_add_(0, owner, probs)
+            out.append(summed / torch.bincount(owner, minlength=len(chunk)).clamp(min=1)[:, None])
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.tasks[task].labels)))
+
+    def token_tags(self, task: str, token_lists: list[list[str]]) -> list[list[str]]:
+        """One tag per token of each list; tokens the tokenizer drops (whitespace) get the outside tag."""
+        tags = self.tasks[task].tag_set()
+        outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
+        head = self.model.heads[task]
+        results: list[list[str]] = []
+        for start in range(0, len(token_lists), self.batch_size):
+            chunk = token_lists[start:start + self.batch_size]
+            enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.window,
+                                 stride=STRIDE, return_overflowing_tokens=True, padding=True, return_tensors="pt")
+            owner = enc["overflow_to_sample_mapping"].tolist()
+            emissions = self._logits(task, enc).cpu()  # (F, T, C)
+            best: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in chunk]
+            for f, sample in enumerate(owner):
+                word_ids = enc.word_ids(f)
+                length = int(enc["attention_mask"][f].sum())
+                previous = None
+                for pos, word in enumerate(word_ids):
+                    if word is not None and word != previous:
+                        margin = min(pos, length - 1 - pos)
+                        if word not in best[sample] or margin > best[sample][word][0]:
+                            best[sample][word] = (margin, emissions[f, pos])
+                    previous = word
+            for sample, tokens in enumerate(chunk):
+                present = sorted(best[sample])
+                decoded = [outside] * len(tokens)
+                if present:
+                    em = torch.stack([best[sample][w][1] for w in present])  # (W, C)
+                    if head.crf is not None:
+                        ids = head.crf.decode(em[None].to(self.device))[0]
+                    else:
+                        ids = em.argmax(-1).tolist()
+                    for w, i in zip(present, ids):
+                        decoded[w] = tags[i]
+                results.append(decoded)
+        return results
+
+    # -- records ------------------------------------------------------------------------------------
+
+    def predict(self, texts: list[str], text_pairs: list[str | None] | None = None) -> list[dict[str, Any]]:
+        """The records of ARCHITECTURE.md: `text` (and `text_pair`) plus one key per task."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise PredictionInputError(f"record {i}: `text` must be a non-empty string, got {text!r}")
+        pairs = list(text_pairs) if text_pairs is not None else [None] * len(texts)
+        if len(pairs) != len(texts):
+            raise PredictionInputError(f"{len(texts)} texts but {len(pairs)} text_pairs")
+        records: list[dict[str, Any]] = [{"text": t} | ({"text_pair": p} if p is not None else {})
+                                         for t, p in zip(texts, pairs)]
+        for name, cfg in self.tasks.items():
+            if cfg.type == "classification":
+                self._add_labels(records, name, self.class_probs(name, texts), range(len(texts)))
+            elif cfg.type == "pair_classification":
+                which = [i for i, p in enumerate(pairs) if p is not None]
+                if which:
+                    probs = self.class_probs(name, [texts[i] for i in which], [pairs[i] for i in which])
+                    self._add_labels(records, name, probs, which)
+            elif cfg.type == "token_classification":
+                all_tags = self.token_tags(name, [list(t) for t in texts])
+                for record, text, tags in zip(records, texts, all_tags):
+                    record[name] = render_tokens(text, lenient_spans(tags, cfg.scheme), cfg.output)
+        return records
+
+    def _add_labels(self, records: list[dict], task: str, probs: np.ndarray, rows) -> None:
+        labels = self.tasks[task].labels
+        for i, p in zip(rows, probs):
+            records[i][task] = {"label": labels[int(p.argmax())], "score": round(float(p.max()), 6)}
+
+
+def render_tokens(text: str, spans: list[tuple[int, int, str | None]], output: str) -> Any:
+    """Spans over characters rendered as entities, words, or (word, tag) pairs; words join to the text."""
+    if output == "spans":
+        return [{"start": s, "end": e, "type": t, "text": text[s:e]} for s, e, t in spans]
+    pieces: list[tuple[str, str | None]] = []
+    cursor = 0
+    for s, e, t in spans:
+        pieces += [(ch, None) for ch in text[cursor:s]]  # characters outside any span stand alone
+        pieces.append((text[s:e], t))
+        cursor = e
+    pieces += [(ch, None) for ch in text[cursor:]]
+    if output == "words":
+        return [w for w, _ in pieces]
+    return [[w, t if t is not None else "x"] for w, t in pieces]
+
+
+def read_requests(path: Path) -> tuple[list[str], list[str | None]]:
+    """Texts (and optional pairs) from a JSONL request file, with a clear error for each bad line."""
+    texts, pairs = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PredictionInputError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise PredictionInputError(f"{path}:{n}: each line needs a non-empty string field `text`")
+        pair = row.get("text_pair")
+        if pair is not None and not isinstance(pair, str):
+            raise PredictionInputError(f"{path}:{n}: `text_pair` must be a string")
+        texts.append(row["text"])
+        pairs.append(pair)
+    return texts, pairs
+
+
+def predict_file(cfg, input: Path, output: Path, model_uri: str | None = None, batch_size: int = 32) -> int:
+    """`mtl predict`: JSONL in, JSONL out; the model is a checkpoint dir or a registry URI (default champion)."""
+    texts, pairs = read_requests(Path(input))
+    if model_uri and Path(model_uri).is_dir():
+        model_dir = Path(model_uri)
+    else:
+        from tasks_mtl.registry import resolve_model_dir
+
+        model_dir = resolve_model_dir(cfg, model_uri)
+    predictor = Predictor.from_dir(model_dir, batch_size=batch_size)
+    records = predictor.predict(texts, pairs if any(p is not None for p in pairs) else None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(records)

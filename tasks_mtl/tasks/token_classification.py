@@ -1,0 +1,92 @@
+"""Token classification (NER, segmentation, POS) with an optional CRF over the emissions.
+
+A row is `tokens` (characters for Chinese, or words) with one tag each. The tokenizer may split
+a token into several word pieces; its tag goes to the first piece and the rest are ignored
+(-100), so one-character-one-token and word-piece tokens are aligned the same way. Rows longer
+than the window become several windows (overflow), so no tag is lost in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tasks_mtl.config import TaskConfig
+
+IGNORE = -100
+
+
+def first_piece_labels(word_ids: list[int | None], tags: list[str], label2id: dict[str, int]) -> list[int]:
+    """Label id on the first word piece of each token, IGNORE elsewhere (specials, later pieces)."""
+    labels, previous = [], None
+    for word in word_ids:
+        labels.append(IGNORE if word is None or word == previous else label2id[tags[word]])
+        previous = word
+    return labels
+
+
+def pack_first_pieces(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather positions whose label is not IGNORE to the left: (B, T, ...) -> (B, W, ...) and a (B, W) mask."""
+    keep = labels != IGNORE  # (B, T)
+    counts = keep.sum(1)  # (B,)
+    width = max(int(counts.max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # kept positions first, in order
+    index = order.view(*order.shape, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+    packed = values.gather(1, index)  # (B, W, ...)
+    mask = torch.arange(width, device=values.device)[None, :] < counts[:, None]  # (B, W)
+    return packed, mask
+
+
+class TokenHead(nn.Module):
+    """Linear emissions per token, optionally decoded by a linear-chain CRF."""
+
+    def __init__(self, hidden: int, num_tags: int, crf: bool, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.emit = nn.Linear(hidden, num_tags)
+        if crf:
+            from torchcrf import CRF
+
+            self.crf = CRF(num_tags, batch_first=True)
+        else:
+            self.crf = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, C)
+        return self.emit(self.dropout(hidden_states))
+
+
+class TokenClassificationTask:
+    input_columns: tuple[str, ...] = ("tokens", "tags")
+
+    def __init__(self, name: str, cfg: TaskConfig):
+        self.name, self.cfg = name, cfg
+        self.labels = cfg.tag_set()
+        self.label2id = {tag: i for i, tag in enumerate(self.labels)}
+
+    def encode(self, batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
+        enc = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length,
+                        return_overflowing_tokens=True)
+        samples = enc.pop("overflow_to_sample_mapping")
+        enc["labels"] = [first_piece_labels(enc.word_ids(i), batch["tags"][s], self.label2id)
+                         for i, s in enumerate(samples)]
+        return dict(enc)
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
+
+    def build_head(self, hidden: int, word_embeddings: nn.Embedding) -> nn.Module:
+        return TokenHead(hidden, len(self.labels), self.cfg.crf)
+
+    def loss(self, head: TokenHead, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        emissions = head(hidden_states).float()  # (B, T, C)
+        labels = batch["labels"]  # (B, T)
+        if head.crf is None:
+            loss = nn.functional.cross_entropy(emissions.transpose(1, 2), labels, ignore_index=IGNORE)
+            return loss, emissions
+        packed, mask = pack_first_pieces(emissions, labels)  # (B, W, C), (B, W)
+        tags, _ = pack_first_pieces(labels.unsqueeze(-1), labels)
+        tags = tags.squeeze(-1).clamp(min=0)  # (B, W); padded slots are masked out
+        loss = -head.crf(packed, tags, mask=mask, reduction="token_mean")
+        return loss, emissions

@@ -1,0 +1,116 @@
+"""Tokenizer (built from the corpus or loaded from a local BERT) and the Arrow cache of tokenized splits.
+
+The small-BERT tokenizer is a WordPiece vocabulary trained on the training text with the BERT
+pre-tokenizer that splits every CJK character into its own token, as bert-base-chinese does;
+Latin words and digits become word pieces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from tasks_mtl.config import Config
+
+TOKENIZER_DIR = "tokenizer"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _require_local_model(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"encoder.pretrained: {path} is not a directory; give a local Hugging Face BERT directory "
+            "(nothing is downloaded) or remove encoder.pretrained to build a small BERT from config"
+        )
+    return path
+
+
+def training_texts(cfg: Config):
+    """Every train-split text of every task (token tasks joined), the corpus the vocabulary is learnt from."""
+    from tasks_mtl.data.prepare import read_split
+
+    for name, task in cfg.tasks.items():
+        for row in read_split(cfg, name, "train"):
+            if "tokens" in row:
+                yield "".join(row["tokens"])
+            else:
+                yield row["text"]
+                if row.get("text_pair"):
+                    yield row["text_pair"]
+
+
+def build_tokenizer(cfg: Config):
+    """A BertTokenizerFast: loaded from encoder.pretrained, or trained as WordPiece on the training text."""
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    if cfg.encoder.pretrained is not None:
+        path = _require_local_model(cfg.path(cfg.encoder.pretrained))
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+    from tokenizers import BertWordPieceTokenizer
+
+    wordpiece = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True)
+    wordpiece.train_from_iterator(
+        training_texts(cfg),
+        vocab_size=cfg.encoder.vocab_size,
+        min_frequency=cfg.encoder.vocab_min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
+    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True, tokenize_chinese_chars=True,
+                             model_max_length=cfg.encoder.max_positions)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def _inputs_hash(cfg: Config) -> str:
+    """What the tokenized cache depends on: the prepared data and the tokenizer/task settings."""
+    prepared = cfg.path(cfg.data.prepared_dir)
+    digest = hashlib.sha256()
+    for file in sorted(prepared.rglob("*.jsonl")):
+        digest.update(str(file.relative_to(prepared)).encode())
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    digest.update(cfg.encoder.model_dump_json().encode())
+    digest.update(json.dumps({n: t.model_dump(mode="json") for n, t in cfg.tasks.items()}, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def tokenize(cfg: Config, splits: tuple[str, ...] = ("train", "validation")) -> Path:
+    """Write the tokenizer and one Arrow dataset per task and split; skip when inputs are unchanged."""
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+
+    from tasks_mtl.data.prepare import read_split
+    from tasks_mtl.tasks import build_task
+
+    out = cfg.path(cfg.data.tokenized_dir)
+    key = _inputs_hash(cfg)
+    meta_file = out / "meta.json"
+    if meta_file.exists() and json.loads(meta_file.read_text()).get("inputs") == key:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    tokenizer = build_tokenizer(cfg)
+    tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    counts: dict[str, dict[str, int]] = {}
+    for name, task_cfg in cfg.tasks.items():
+        task = build_task(name, task_cfg)
+        for split in splits:
+            rows = read_split(cfg, name, split)
+            columns = {k: [r.get(k) for r in rows] for k in task.input_columns}
+            dataset = Dataset.from_dict(columns).map(
+                lambda batch: task.encode(batch, tokenizer, cfg.encoder.max_length),
+                batched=True,
+                remove_columns=list(task.input_columns),
+            )
+            dataset.save_to_disk(str(out / name / split))
+            counts.setdefault(name, {})[split] = len(dataset)
+    meta_file.write_text(json.dumps({"inputs": key, "features": counts}, indent=1, sort_keys=True))
+    return out
