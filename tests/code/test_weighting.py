@@ -1,0 +1,419 @@
+"""Loss-weighting methods: the shared contract for every registry entry, then each paper's property."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tasks_mtl.weighting import WEIGHTINGS, build_weighting
+from tasks_mtl.weighting.cagrad import cagrad_weights, solve_simplex_dual
+from tasks_mtl.weighting.pcgrad import project_conflicting
+
+TASKS = ["a", "b", "c"]
+# Arguments that make stateful methods change state within a few steps.
+ARGS: dict[str, dict] = {"dwa": {"window": 1}, "static": {"weights": {"a": 2.0, "b": 0.5}}}
+ALL = sorted(WEIGHTINGS)
+LOSS_BASED = [n for n in ALL if not WEIGHTINGS[n].requires_all_tasks]
+
+
+class TinyMTL(nn.Module):
+    """A shared Linear trunk and one Linear head per task."""
+
+    def __init__(self, tasks: list[str], seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = nn.Linear(4, 8)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 1) for t in tasks})
+
+    def losses(self, tasks: list[str], seed: int) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        dtype = self.trunk.weight.dtype
+        out = {}
+        for i, t in enumerate(tasks):
+            x = torch.randn(16, 4, generator=gen, dtype=dtype)  # [B, 4]
+            y = torch.randn(16, 1, generator=gen, dtype=dtype) * (i + 1)  # [B, 1] task-specific scale
+            h = torch.tanh(self.trunk(x))  # [B, 8]
+            out[t] = ((self.heads[t](h) - y) ** 2).mean()
+        return out
+
+
+def split_params(model: TinyMTL, weighting: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    shared = list(model.trunk.parameters())
+    private = list(model.heads.parameters()) + list(weighting.parameters())
+    return shared, private
+
+
+def make(name: str) -> nn.Module:
+    return build_weighting(name, TASKS, **ARGS.get(name, {}))
+
+
+def train_steps(name: str, weighting, model: TinyMTL, steps: int, start: int = 0) -> list[dict[str, float]]:
+    """Run `steps` optimizer steps with SGD over model and weighting; return the weights per step."""
+    shared, private = split_params(model, weighting)
+    opt = torch.optim.SGD([*shared, *private], lr=0.05)
+    history = []
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        history.append(weighting.backward(model.losses(TASKS, seed=step), shared, private))
+        opt.step()
+        weighting.after_step()
+    return history
+
+
+def flat(history: list[dict[str, float]]) -> list[float]:
+    return [w for weights in history for w in weights.values()]
+
+
+def linear_losses(grads: Tensor) -> tuple[nn.Parameter, dict[str, Tensor]]:
+    """Losses whose gradients w.r.t. a shared vector theta are exactly the rows of `grads` [T, P]."""
+    theta = nn.Parameter(torch.zeros(grads.shape[1], dtype=grads.dtype))
+    return theta, {f"t{i}": 1.0 + g @ theta for i, g in enumerate(grads)}
+
+
+# -- the contract, for every registry entry ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_backward_reaches_shared_and_every_head(name: str) -> None:
+    model = TinyMTL(TASKS)
+    weighting = make(name)
+    shared, private = split_params(model, weighting)
+    weights = weighting.backward(model.losses(TASKS, seed=0), shared, private)
+    assert set(weights) == set(TASKS)
+    assert all(isinstance(w, float) and math.isfinite(w) for w in weights.values())
+    for p in shared:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    for t in TASKS:
+        assert model.heads[t].weight.grad is not None and model.heads[t].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", LOSS_BASED)
+def test_loss_based_methods_take_a_subset_of_tasks(name: str) -> None:
+    model = TinyMTL(TASKS)
+    weighting = make(name)
+    shared, private = split_params(model, weighting)
+    weights = weighting.backward(model.losses(["b"], seed=0), shared, private)
+    assert list(weights) == ["b"]
+    assert model.trunk.weight.grad.abs().sum() > 0
+    assert model.heads["b"].weight.grad.abs().sum() > 0
+    assert model.heads["a"].weight.grad is None and model.heads["c"].weight.grad is None
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if WEIGHTINGS[n].requires_all_tasks])
+def test_all_task_methods_reject_a_subset(name: str) -> None:
+    model = TinyMTL(TASKS)
+    weighting = make(name)
+    shared, private = split_params(model, weighting)
+    with pytest.raises(ValueError, match="every task"):
+        weighting.backward(model.losses(["a", "b"], seed=0), shared, private)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_accumulate_into_existing_grad(name: str) -> None:
+    fresh_model, model = TinyMTL(TASKS), TinyMTL(TASKS)
+    w_fresh, w_acc = make(name), make(name)
+    shared, private = split_params(fresh_model, w_fresh)
+    w_fresh.backward(fresh_model.losses(TASKS, seed=0), shared, private)
+    shared, private = split_params(model, w_acc)
+    for p in [*shared, *private]:
+        p.grad = torch.full_like(p, 0.25)
+    w_acc.backward(model.losses(TASKS, seed=0), shared, private)
+    reference = [*fresh_model.parameters(), *w_fresh.parameters()]
+    for p, q in zip(reference, [*model.parameters(), *w_acc.parameters()], strict=True):
+        expected = 0.25 + (p.grad if p.grad is not None else torch.zeros_like(p))
+        torch.testing.assert_close(q.grad, expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip_continues_identically(name: str) -> None:
+    model = TinyMTL(TASKS)
+    original = make(name)
+    train_steps(name, original, model, steps=3)
+    state = original.state_dict()
+    assert all(isinstance(v, Tensor) for v in state.values())
+
+    restored = make(name)
+    restored.load_state_dict(state)
+    model_copy = copy.deepcopy(model)
+    expected = train_steps(name, original, model, steps=2, start=3)
+    got = train_steps(name, restored, model_copy, steps=2, start=3)
+    assert flat(got) == pytest.approx(flat(expected), rel=1e-6)
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("name", ["rlw", "pcgrad", "dwa", "famo", "gradnorm", "uncertainty"])
+def test_state_advances_with_training(name: str) -> None:
+    model = TinyMTL(TASKS)
+    trained = make(name)
+    train_steps(name, trained, model, steps=3)
+    fresh = make(name).state_dict()
+    assert any(not torch.equal(v, fresh[k]) for k, v in trained.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["rlw", "dwa", "famo", "gradnorm", "uncertainty"])
+def test_restored_state_differs_from_a_fresh_start(name: str) -> None:
+    """The round trip above must carry real state: without it the next step would differ."""
+    model = TinyMTL(TASKS)
+    trained = make(name)
+    train_steps(name, trained, model, steps=3)
+    fresh = make(name)
+    model_copy = copy.deepcopy(model)
+    after_training = train_steps(name, trained, model, steps=1, start=3)
+    from_scratch = train_steps(name, fresh, model_copy, steps=1, start=3)
+    params_differ = any(not torch.equal(p, q) for p, q in zip(model.parameters(), model_copy.parameters()))
+    assert flat(after_training) != pytest.approx(flat(from_scratch)) or params_differ
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float64_is_preserved(name: str) -> None:
+    model = TinyMTL(TASKS).double()
+    weighting = make(name)
+    shared, private = split_params(model, weighting)
+    losses = model.losses(TASKS, seed=0)
+    assert all(l.dtype == torch.float64 for l in losses.values())
+    weights = weighting.backward(losses, shared, private)
+    assert all(math.isfinite(w) for w in weights.values())
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float64
+    for p in weighting.parameters():
+        assert p.grad is None or p.grad.dtype == p.dtype
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if WEIGHTINGS[n].requires_all_tasks])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_without_shared_gradient_heads_get_plain_gradients(name: str, frozen: bool) -> None:
+    model = TinyMTL(TASKS)
+    weighting = make(name)
+    shared, private = split_params(model, weighting)
+    losses = model.losses(TASKS, seed=0)
+    if not frozen:  # the shared trunk is passed but no loss depends on it
+        shared = [nn.Parameter(torch.zeros(3))]
+    weights = weighting.backward(losses, [] if frozen else shared, private)
+    assert all(math.isfinite(w) and 0 < w < 10 for w in weights.values())
+    assert all(model.heads[t].weight.grad.abs().sum() > 0 for t in TASKS)
+
+
+def test_registry_rejects_unknown_names_and_arguments() -> None:
+    with pytest.raises(ValueError, match="known:.*equal"):
+        build_weighting("nope", TASKS)
+    with pytest.raises(ValueError, match="unknown argument"):
+        build_weighting("pcgrad", TASKS, sede=1)
+    with pytest.raises(ValueError, match="unknown task"):
+        build_weighting("static", TASKS, weights={"zz": 1.0})
+
+
+# -- each paper's property ----------------------------------------------------------------------
+
+
+def test_static_applies_alphas_exactly() -> None:
+    model = TinyMTL(TASKS)
+    weighting = build_weighting("static", TASKS, weights={"a": 2.0, "b": 0.5})
+    losses = model.losses(TASKS, seed=0)
+    singles = {t: torch.autograd.grad(losses[t], model.trunk.weight, retain_graph=True)[0] for t in TASKS}
+    shared, private = split_params(model, weighting)
+    assert weighting.backward(losses, shared, private) == {"a": 2.0, "b": 0.5, "c": 1.0}
+    expected = 2.0 * singles["a"] + 0.5 * singles["b"] + singles["c"]
+    torch.testing.assert_close(model.trunk.weight.grad, expected)
+
+
+def test_uncertainty_learns_smaller_weight_for_the_larger_loss() -> None:
+    weighting = build_weighting("uncertainty", ["big", "small"])
+    opt = torch.optim.SGD(weighting.parameters(), lr=0.1)
+    dummy = nn.Parameter(torch.ones(()))
+    history = []
+    for _ in range(60):
+        opt.zero_grad()
+        losses = {"big": 5.0 * dummy, "small": 0.5 * dummy}
+        history.append(weighting.backward(losses, [dummy], list(weighting.parameters())))
+        assert weighting.log_vars.grad is not None and weighting.log_vars.grad.abs().sum() > 0
+        opt.step()
+    assert history[-1]["big"] < history[0]["big"] and history[-1]["big"] < history[-1]["small"]
+    # the optimum of exp(-s) L + s is exp(-s) = 1 / L
+    assert history[-1]["big"] == pytest.approx(1 / 5.0, rel=0.1)
+    assert history[-1]["small"] == pytest.approx(1 / 0.5, rel=0.1)
+
+
+def test_gradnorm_raises_the_weight_of_the_slowest_task_and_keeps_the_sum() -> None:
+    tasks = ["slow", "fast1", "fast2"]
+    weighting = build_weighting("gradnorm", tasks, alpha=1.5)
+    opt = torch.optim.SGD(weighting.parameters(), lr=0.05)
+    theta = nn.Parameter(torch.zeros(3))
+    eye = torch.eye(3)
+    for step in range(30):
+        scale = [1.0, 1.0, 1.0] if step == 0 else [1.0, 0.5, 0.5]  # the fast tasks halved their loss
+        losses = {t: s * (1 + eye[i] @ theta) for i, (t, s) in enumerate(zip(tasks, scale))}
+        opt.zero_grad()
+        weighting.backward(losses, [theta], list(weighting.parameters()))
+        opt.step()
+        weighting.after_step()
+        assert float(weighting.loss_weights.detach().sum()) == pytest.approx(3.0)
+    w = weighting.loss_weights.detach()
+    assert w[0] > 1.0 and w[0] > w[1] and w[0] > w[2]
+
+
+def test_dwa_favours_the_task_whose_loss_fell_least() -> None:
+    weighting = build_weighting("dwa", TASKS, window=1, temperature=2.0)
+    dummy = nn.Parameter(torch.ones(()))
+    first = weighting.backward({t: 1.0 * dummy for t in TASKS}, [dummy], [])
+    weighting.after_step()
+    second = weighting.backward({"a": 1.0 * dummy, "b": 0.5 * dummy, "c": 0.25 * dummy}, [dummy], [])
+    weighting.after_step()
+    assert first == second == {t: 1.0 for t in TASKS}  # two windows needed before weighting starts
+    third = weighting.backward({t: 1.0 * dummy for t in TASKS}, [dummy], [])
+    expected = 3 * torch.softmax(torch.tensor([1.0, 0.5, 0.25]) / 2.0, dim=0)
+    assert list(third.values()) == pytest.approx(expected.tolist())
+    assert third["a"] > third["b"] > third["c"]
+
+
+def test_pcgrad_removes_conflicts() -> None:
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # g1 . g2 = -1: conflicting
+    projected = project_conflicting(g, [[0, 1], [1, 0]])
+    assert projected[0] @ g[1] == pytest.approx(0.0, abs=1e-6)
+    assert projected[1] @ g[0] == pytest.approx(0.0, abs=1e-6)
+    assert projected[0] @ projected[1] >= 0
+    theta, losses = linear_losses(g)
+    build_weighting("pcgrad", list(losses)).backward(losses, [theta], [])
+    torch.testing.assert_close(theta.grad, torch.tensor([0.5, 1.5]))  # [.5, .5] + [0, 1]
+    assert theta.grad @ g[0] >= 0 and theta.grad @ g[1] >= 0
+
+
+def test_pcgrad_order_is_random_and_resumes_exactly() -> None:
+    angles = torch.tensor([0.0, 2.2, 4.4])  # three mutually conflicting directions: order matters
+    g = torch.stack([angles.cos(), angles.sin()], dim=1) * torch.tensor([[1.0], [2.0], [0.5]])
+    weighting = build_weighting("pcgrad", ["t0", "t1", "t2"], seed=3)
+
+    def updates(w, n: int) -> list[Tensor]:
+        out = []
+        for _ in range(n):
+            theta, losses = linear_losses(g)
+            w.backward(losses, [theta], [])
+            out.append(theta.grad)
+        return out
+
+    updates(weighting, 2)
+    restored = build_weighting("pcgrad", ["t0", "t1", "t2"])
+    restored.load_state_dict(weighting.state_dict())
+    expected, got = updates(weighting, 6), updates(restored, 6)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert any(not torch.allclose(expected[0], u) for u in expected[1:])
+
+
+def test_pcgrad_is_the_plain_sum_without_conflicts() -> None:
+    g = torch.tensor([[1.0, 0.2, 0.0], [0.5, 1.0, 0.1], [0.0, 0.3, 2.0]])  # all dot products > 0
+    theta, losses = linear_losses(g)
+    build_weighting("pcgrad", list(losses)).backward(losses, [theta], [])
+    torch.testing.assert_close(theta.grad, g.sum(0))
+
+
+def random_conflicting(t: int = 3, p: int = 6, seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.tensor([1.0, 3.0, 0.3][:t], dtype=torch.float64)[:, None]  # [T, 1] unequal norms
+    g = torch.randn(t, p, generator=gen, dtype=torch.float64) * scales  # [T, P]
+    g[1] -= 2 * g[0]  # make tasks 0 and 1 conflict
+    return g
+
+
+def test_imtl_update_has_equal_projections_on_unit_gradients() -> None:
+    g = random_conflicting()
+    theta, losses = linear_losses(g)
+    weights = build_weighting("imtl", list(losses)).backward(losses, [theta], [])
+    units = g / g.norm(dim=1, keepdim=True)
+    projections = units @ theta.grad
+    torch.testing.assert_close(projections, projections[0].expand(3), rtol=1e-6, atol=1e-9)
+    assert sum(weights.values()) == pytest.approx(3.0)
+    assert not torch.allclose(projections, units @ g.sum(0))  # the plain sum would not balance them
+
+
+def test_cagrad_stays_near_the_average_and_helps_the_worst_task() -> None:
+    g = random_conflicting()
+    g0 = g.mean(0)
+    theta, losses = linear_losses(g)
+    build_weighting("cagrad", list(losses), c=0.4).backward(losses, [theta], [])
+    d = theta.grad / 3  # back to the paper's mean-gradient scale
+    assert d @ g0 >= 0
+    assert float((d - g0).norm()) == pytest.approx(0.4 * float(g0.norm()), rel=1e-4)
+    # d maximises the worst task's improvement within the ball: no sampled point in it does better
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(4000, g.shape[1], generator=gen, dtype=g.dtype)
+    u = u / u.norm(dim=1, keepdim=True) * torch.rand(4000, 1, generator=gen, dtype=g.dtype).sqrt()
+    candidates = g0 + 0.4 * g0.norm() * u
+    assert (g @ d).min() >= (candidates @ g.T).min(dim=1).values.max() - 1e-3
+    assert (g @ d).min() > (g @ g0).min()  # and it does better than the plain average
+
+
+def test_cagrad_with_c_zero_is_the_average_gradient() -> None:
+    g = random_conflicting()
+    theta, losses = linear_losses(g)
+    weights = build_weighting("cagrad", list(losses), c=0.0).backward(losses, [theta], [])
+    torch.testing.assert_close(theta.grad, 3 * g.mean(0))
+    assert list(weights.values()) == [1.0, 1.0, 1.0]
+
+
+def test_cagrad_dual_solver_finds_the_simplex_minimum() -> None:
+    g = random_conflicting()
+    gram = g @ g.T
+    c = 0.4
+    g0_norm = gram.mean().sqrt()
+
+    def objective(w: Tensor) -> Tensor:
+        return w @ gram.mean(1) + c * g0_norm * (w @ gram @ w).sqrt()
+
+    w = solve_simplex_dual(gram, c)
+    grid = torch.linspace(0, 1, 201, dtype=g.dtype)
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    keep = (a + b) <= 1
+    ws = torch.stack([a[keep], b[keep], 1 - a[keep] - b[keep]], dim=1)  # [N, 3] points of the simplex
+    grid_min = (ws @ gram.mean(1) + c * g0_norm * ((ws @ gram) * ws).sum(1).sqrt()).min()
+    assert objective(w) <= grid_min + 1e-4 * gram.diagonal().mean()
+    assert torch.isfinite(cagrad_weights(torch.zeros(3, 4), 0.4)).all()  # vanishing gradients do not blow up
+
+
+def test_nash_weights_solve_the_bargaining_conditions() -> None:
+    g = random_conflicting()
+    theta, losses = linear_losses(g)
+    weights = build_weighting("nash_mtl", list(losses)).backward(losses, [theta], [])
+    alpha = torch.tensor(list(weights.values()), dtype=g.dtype)
+    assert (alpha > 0).all()
+    torch.testing.assert_close(g @ theta.grad, 1 / alpha, rtol=1e-4, atol=1e-6)  # d . g_i = 1 / alpha_i
+    assert theta.grad.norm() ** 2 == pytest.approx(3.0, rel=1e-3)
+
+
+def test_famo_shifts_weight_to_the_task_that_improves_least() -> None:
+    tasks = ["stuck", "fast1", "fast2"]
+    weighting = build_weighting("famo", tasks)
+    opt = torch.optim.SGD(weighting.parameters(), lr=0.5)
+    theta = nn.Parameter(torch.zeros(3))
+    eye = torch.eye(3)
+    for step in range(40):
+        values = [1.0, 0.9**step, 0.95**step]
+        losses = {t: v * torch.exp(eye[i] @ theta) for i, (t, v) in enumerate(zip(tasks, values))}
+        opt.zero_grad()
+        weighting.backward(losses, [theta], list(weighting.parameters()))
+        if step >= 2:
+            assert weighting.logits.grad is not None
+        opt.step()
+        weighting.after_step()
+    z = torch.softmax(weighting.logits.detach(), dim=0)
+    assert z[0] > z[2] > z[1]
+
+
+def test_rlw_weights_are_random_but_reproducible() -> None:
+    model = TinyMTL(TASKS)
+    shared, private = split_params(model, nn.Module())
+
+    def draws(seed: int, n: int = 4) -> list[dict[str, float]]:
+        weighting = build_weighting("rlw", TASKS, seed=seed)
+        return [weighting.backward(model.losses(TASKS, seed=0), shared, private) for _ in range(n)]
+
+    first = draws(seed=7)
+    for weights in first:
+        assert sum(weights.values()) == pytest.approx(3.0)
+        assert all(w > 0 for w in weights.values())
+    assert first[0] != first[1]
+    assert draws(seed=7) == first
+    assert draws(seed=8) != first

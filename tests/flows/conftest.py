@@ -1,0 +1,45 @@
+"""Fixtures for orchestration tests: a private MLflow store and a fake checkpoint/predictor."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks_mtl.config import Config
+
+
+class FakePredictor:
+    """Stands in for tasks_mtl.predict.Predictor: one record per text, shaped like the real ones."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def predict(self, texts, text_pairs=None):
+        pairs = text_pairs or [None] * len(texts)
+        records = []
+        for text, pair in zip(texts, pairs):
+            record = {"text": text, "sentiment": {"label": "positive", "score": 0.9}, "cws": list(text)}
+            if pair is not None:
+                record["nsp"] = {"label": "is_next", "score": 0.7}
+            records.append(record)
+        return records
+
+
+@pytest.fixture
+def mlflow_cfg(tmp_path, monkeypatch) -> Config:
+    """A Config rooted in tmp_path: its SQLite registry and artifacts live there, not in the checkout."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MTL_MODEL_CACHE", str(tmp_path / "model-cache"))
+    return Config(root=tmp_path)
+
+
+@pytest.fixture
+def fake_checkpoint(tmp_path, monkeypatch) -> Path:
+    """A tiny checkpoint directory, and the registry's predictor loader pointed at FakePredictor."""
+    import tasks_mtl.registry as registry
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "mtl.json").write_text(json.dumps({"tasks": ["sentiment"]}), encoding="utf-8")
+    monkeypatch.setattr(registry, "_load_predictor", FakePredictor)
+    return ckpt

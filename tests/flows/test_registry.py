@@ -1,0 +1,130 @@
+"""The registry on a real SQLite MLflow store: versions, aliases, promotion, rollback, loading."""
+
+import json
+
+import mlflow
+import pandas as pd
+import pytest
+
+from tasks_mtl import registry, tracking
+from tasks_mtl.gates import evaluate_gates
+
+METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.79}, "ner": {"f1": 0.5}}
+
+
+def _gates(cfg, metrics, champion=None):
+    cfg.gates.thresholds = {"sentiment": {"accuracy": 0.6}, "ner": {"f1": 0.2}}
+    return evaluate_gates(cfg, metrics, champion)
+
+
+def test_tracking_store_and_artifacts_live_in_the_root(mlflow_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # the CWD must not matter
+    assert tracking.tracking_uri(mlflow_cfg) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    exp = tracking.client(mlflow_cfg).get_experiment(tracking.experiment_id(mlflow_cfg))
+    assert exp.artifact_location == (tmp_path.resolve() / "mlartifacts").as_uri()
+
+
+def test_tracking_uri_precedence(mlflow_cfg, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert tracking.tracking_uri(mlflow_cfg) == "sqlite:////elsewhere/m.db"
+    mlflow_cfg.registry.tracking_uri = "http://127.0.0.1:5000"
+    assert tracking.tracking_uri(mlflow_cfg) == "http://127.0.0.1:5000"
+
+
+def test_run_tracker_logs_params_steps_and_nested_stage_runs(mlflow_cfg):
+    tracker = tracking.RunTracker.start(mlflow_cfg, run_name="t", tags={"data_hash": "abc"})
+    with tracker.stage("warmup") as stage:
+        log = stage.logger()
+        log({"loss/sentiment": 0.7, "weight/sentiment": 1.0}, 1)
+        log({"loss/sentiment": 0.5, "weight/sentiment": 1.0}, 2)
+    tracker.log_task_metrics(METRICS)
+    tracker.finish()
+    client = tracking.client(mlflow_cfg)
+    parent = client.get_run(tracker.run_id)
+    assert parent.data.params["training.stages.0.name"] == "warmup"
+    assert parent.data.metrics["test.sentiment.accuracy"] == 0.8
+    assert parent.data.tags["data_hash"] == "abc" and parent.info.status == "FINISHED"
+    child = client.get_run(stage.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == tracker.run_id
+    history = client.get_metric_history(stage.run_id, "loss/sentiment")
+    assert [(m.step, m.value) for m in history] == [(1, 0.7), (2, 0.5)]
+
+
+def test_failed_stage_marks_its_run_failed(mlflow_cfg):
+    tracker = tracking.RunTracker.start(mlflow_cfg)
+    with pytest.raises(RuntimeError):
+        with tracker.stage("joint") as stage:
+            raise RuntimeError("boom")
+    assert tracking.client(mlflow_cfg).get_run(stage.run_id).info.status == "FAILED"
+
+
+def test_register_promote_rollback(mlflow_cfg, fake_checkpoint):
+    cfg = mlflow_cfg
+    assert registry.champion_metrics(cfg) is None
+    assert registry.list_versions(cfg) == []
+
+    gates1 = _gates(cfg, METRICS)
+    v1 = registry.log_and_register(cfg, fake_checkpoint, METRICS, gates1)
+    assert v1 == 1
+    client = tracking.client(cfg)
+    mv1 = client.get_model_version(cfg.registry.model_name, "1")
+    assert mv1.aliases == ["challenger"]
+    assert mv1.tags["gate"] == "passed" and float(mv1.tags["metric.sentiment.accuracy"]) == 0.8
+    assert mv1.tags["data_hash"] and mv1.tags["git_commit"]
+    assert registry.champion_metrics(cfg) is None  # registering never crowns
+
+    assert registry.promote_if_passed(cfg, v1, gates1)
+    assert registry.champion_metrics(cfg) == METRICS
+    mv1 = client.get_model_version(cfg.registry.model_name, "1")
+    assert mv1.tags["promoted_by"] == "retrain-flow" and mv1.tags["previous_champion"] == ""
+
+    worse = {"sentiment": {"accuracy": 0.7, "macro_f1": 0.69}, "ner": {"f1": 0.5}}
+    gates2 = _gates(cfg, worse, registry.champion_metrics(cfg))
+    assert not gates2["passed"]
+    v2 = registry.log_and_register(cfg, fake_checkpoint, worse, gates2)
+    assert not registry.promote_if_passed(cfg, v2, gates2)
+    rows = {r["version"]: r for r in registry.list_versions(cfg)}
+    assert rows[1]["aliases"] == ["champion"] and rows[2]["aliases"] == ["challenger"]
+    assert rows[2]["gate"] == "failed" and "sentiment.accuracy=0.700" in rows[2]["metrics"]
+
+    registry.promote(cfg, v2, reason="hand-picked", who="alice")
+    mv2 = client.get_model_version(cfg.registry.model_name, "2")
+    assert mv2.tags["promoted_by"] == "alice" and mv2.tags["promoted_reason"] == "hand-picked"
+    assert mv2.tags["previous_champion"] == "1" and mv2.tags["promoted_at"]
+    assert registry.champion_metrics(cfg) == worse
+
+    assert registry.rollback(cfg, reason="bad outputs") == 1
+    assert int(client.get_model_version_by_alias(cfg.registry.model_name, "champion").version) == 1
+    assert client.get_model_version(cfg.registry.model_name, "2").tags["rolled_back_reason"] == "bad outputs"
+    with pytest.raises(LookupError):  # version 1 replaced nobody
+        registry.rollback(cfg, reason="again")
+
+
+def test_resolve_model_dir(mlflow_cfg, fake_checkpoint):
+    cfg = mlflow_cfg
+    with pytest.raises(registry.NoChampionError, match="no champion yet"):
+        registry.resolve_model_dir(cfg, None)
+    assert registry.resolve_model_dir(cfg, str(fake_checkpoint)) == fake_checkpoint.resolve()
+    with pytest.raises(FileNotFoundError):
+        registry.resolve_model_dir(cfg, str(fake_checkpoint / "nope"))
+
+    version = registry.log_and_register(cfg, fake_checkpoint, METRICS, _gates(cfg, METRICS))
+    registry.promote(cfg, version, reason="test")
+    local = registry.resolve_model_dir(cfg, None)
+    assert json.loads((local / "mtl.json").read_text()) == {"tasks": ["sentiment"]}
+    assert registry.resolve_model_dir(cfg, f"models:/{cfg.registry.model_name}/1") == local  # cached
+    with pytest.raises(FileNotFoundError):
+        registry.resolve_model_dir(cfg, f"models:/{cfg.registry.model_name}/7")
+
+
+def test_pyfunc_returns_prediction_records(mlflow_cfg, fake_checkpoint):
+    cfg = mlflow_cfg
+    registry.log_and_register(cfg, fake_checkpoint, METRICS, _gates(cfg, METRICS))
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@challenger")
+    out = model.predict(pd.DataFrame({"text": ["很好", "太差了"], "text_pair": ["是的", None]}))
+    assert [r["text"] for r in out] == ["很好", "太差了"]
+    assert "nsp" in out[0] and "nsp" not in out[1]
+    json.dumps(out, ensure_ascii=False)  # what `mlflow models serve` has to do
+    only_text = model.predict(pd.DataFrame({"text": ["好"]}))
+    assert only_text[0]["sentiment"]["label"] == "positive"

@@ -1,0 +1,155 @@
+"""Behaviour of staged training, resume, checkpoints and the predictor on the tiny project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tasks_mtl.checkpoint import load_checkpoint
+from tasks_mtl.cli import app
+from tasks_mtl.predict import Predictor, PredictionInputError, lenient_spans
+from tasks_mtl.tokenization import tokenize
+from tasks_mtl.train import stage_dir, train_stage
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_frozen_parameters_stay_bit_identical(tiny_cfg):
+    tokenize(tiny_cfg)
+    warm = load_checkpoint(train_stage(tiny_cfg, 0), tiny_cfg.tasks)[0]  # stage 1: whole encoder frozen
+    joint = load_checkpoint(train_stage(tiny_cfg, 1), tiny_cfg.tasks)[0]  # stage 2: embeddings + layer 0 frozen
+    before, after = _weights(warm), _weights(joint)
+    frozen = [k for k in before if k.startswith(("bert.embeddings.", "bert.encoder.layer.0."))]
+    trained = [k for k in before if k.startswith("bert.encoder.layer.1.") or k.startswith("heads.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    moved = [k for k in trained if not torch.equal(before[k], after[k])]
+    assert len(moved) > 0.8 * len(trained)  # (a head's bias row for an unseen class may legitimately stay)
+    assert any(k.startswith("bert.encoder.layer.1.") for k in moved)
+
+
+def test_stage_one_trains_heads_only(tiny_cfg):
+    tokenize(tiny_cfg)
+    from tasks_mtl.model import MultiTaskModel, new_encoder
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_cfg.path(tiny_cfg.data.tokenized_dir) / TOKENIZER_DIR)
+    torch.manual_seed(tiny_cfg.seed)  # train_stage seeds the same way before building the fresh encoder
+    fresh = MultiTaskModel(new_encoder(tiny_cfg, len(tokenizer), tokenizer.pad_token_id), tiny_cfg.tasks)
+    warm = load_checkpoint(train_stage(tiny_cfg, 0), tiny_cfg.tasks)[0]
+    a, b = _weights(fresh), _weights(warm)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("bert."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("heads."))
+
+
+def test_finished_stage_is_not_rerun(tiny_cfg):
+    tokenize(tiny_cfg)
+    out = train_stage(tiny_cfg, 0)
+    stamp = (out / "heads.safetensors").stat().st_mtime_ns
+    assert train_stage(tiny_cfg, 0) == out
+    assert (out / "heads.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
+def test_resume_mid_stage_matches_an_uninterrupted_run(tmp_path, weighting):
+    from tiny_project import make_tiny_project
+
+    stages = [{"name": "only", "steps": 8, "encoder_lr": 1e-3, "head_lr": 3e-3, "weighting": weighting,
+               "sampler": "temperature"}]
+    straight = make_tiny_project(tmp_path / "a", {"training": {"stages": stages}})
+    resumed = make_tiny_project(tmp_path / "b", {"training": {"stages": stages}})
+    for cfg in (straight, resumed):
+        tokenize(cfg)
+    full = train_stage(straight, 0)
+    partial = train_stage(resumed, 0, stop_after=4)
+    assert partial.name.endswith(".resume") and not (stage_dir(resumed, 0) / "done.json").exists()
+    done = train_stage(resumed, 0)  # picks up the resume state: optimizer, scheduler, sampler, batches, RNG
+    a = load_file(str(full / "heads.safetensors"))
+    b = load_file(str(done / "heads.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    ea = load_file(str(full / "encoder" / "model.safetensors"))
+    eb = load_file(str(done / "encoder" / "model.safetensors"))
+    for key in ea:
+        torch.testing.assert_close(ea[key], eb[key], rtol=1e-5, atol=1e-6)
+    assert not partial.exists()  # resume state is removed once the stage is done
+
+
+def test_checkpoint_holds_no_pickles_and_predicts_the_same_after_reload(tiny_cfg):
+    tokenize(tiny_cfg)
+    out = train_stage(tiny_cfg, 0)
+    files = {p.suffix for p in out.rglob("*") if p.is_file()}
+    assert not files & {".bin", ".pt", ".pkl", ".pth"}
+    meta = json.loads((out / "mtl.json").read_text())
+    assert set(meta["tasks"]) == set(tiny_cfg.tasks)
+    texts = ["张伟在北京学习", "今天天气非常很好"]
+    first = Predictor.from_dir(out).predict(texts, ["我们喜欢", None])
+    second = Predictor.from_dir(out).predict(texts, ["我们喜欢", None])
+    assert first == second
+
+
+def test_predictor_records_follow_the_contract_and_survive_long_texts(tiny_cfg):
+    tokenize(tiny_cfg)
+    predictor = Predictor.from_dir(train_stage(tiny_cfg, 0))
+    long_text = "张伟在北京学习 hello 2026" * 20  # far beyond the 32-token window and 64 positions
+    records = predictor.predict(["今天天气很好", long_text], ["我们喜欢", None])
+    short, long = records
+    assert short["text"] == "今天天气很好" and short["text_pair"] == "我们喜欢"
+    assert short["sentiment"]["label"] in ("negative", "positive") and 0.5 <= short["sentiment"]["score"] <= 1
+    assert short["nsp"]["label"] in ("not_next", "is_next")
+    assert "nsp" not in long  # no pair given
+    assert "".join(long["cws"]) == long_text  # words join back to the text
+    for entity in long["ner"]:
+        assert long_text[entity["start"]:entity["end"]] == entity["text"] and entity["type"] in ("PER", "LOC", "ORG")
+    with pytest.raises(PredictionInputError):
+        predictor.predict([""])
+    with pytest.raises(PredictionInputError):
+        predictor.predict([None])  # type: ignore[list-item]
+
+
+def test_lenient_spans_decode_ill_formed_predictions():
+    assert lenient_spans(["I-PER", "I-PER", "O", "B-LOC", "I-ORG"], "bio") == [(0, 2, "PER"), (3, 4, "LOC"), (4, 5, "ORG")]
+    assert lenient_spans(["B", "E", "S", "M", "E"], "bmes") == [(0, 2, None), (2, 3, None), (3, 5, None)]
+
+
+def test_missing_pretrained_encoder_is_one_clear_error(tmp_path):
+    from tiny_project import make_tiny_project
+
+    cfg = make_tiny_project(tmp_path, {"encoder": {"pretrained": "no/such/bert-base-chinese"}})
+    with pytest.raises(FileNotFoundError, match="not a directory.*nothing is downloaded"):
+        tokenize(cfg)
+
+
+@pytest.mark.slow
+def test_cli_train_then_evaluate_end_to_end(tiny_cfg, monkeypatch):
+    monkeypatch.chdir(tiny_cfg.root)
+    runner = CliRunner()
+    for command in (["tokenize"], ["train"], ["evaluate"]):
+        result = runner.invoke(app, command, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    metrics = json.loads((tiny_cfg.root / "reports" / "metrics.json").read_text())
+    assert set(metrics) == set(tiny_cfg.tasks)
+    assert {"accuracy", "macro_f1"} <= set(metrics["sentiment"])
+    assert {"f1", "f1_PER", "precision", "recall"} <= set(metrics["ner"])
+    assert {"accuracy", "perplexity"} <= set(metrics["mlm"])
+    losses = tiny_cfg.root / "reports" / "losses"
+    assert {p.stem for p in losses.glob("*.csv")} == set(tiny_cfg.tasks)
+    # predict on the last checkpoint through the CLI
+    requests = tiny_cfg.root / "in.jsonl"
+    requests.write_text('{"text": "张伟在上海"}\n{"text": "今天很好", "text_pair": "我们喜欢"}\n', encoding="utf-8")
+    last = stage_dir(tiny_cfg, len(tiny_cfg.training.stages) - 1)
+    result = runner.invoke(app, ["predict", "--input", str(requests), "--output", "out.jsonl", "--model", str(last)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tiny_cfg.root / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["text"] for line in lines] == ["张伟在上海", "今天很好"] and "nsp" in lines[1]
+    bad = tiny_cfg.root / "bad.jsonl"
+    bad.write_text('{"txt": "oops"}\n', encoding="utf-8")
+    result = runner.invoke(app, ["predict", "--input", str(bad), "--output", "o.jsonl", "--model", str(last)])
+    assert result.exit_code == 2 and "text" in result.output
