@@ -58,7 +58,7 @@ class ExpectationResult:
     message: str = ""  # one line for people
 
     def describe(self) -> str:
-        lines = [f"{self.name} [{self.expectation}]: {self.message}"]
+        lines = [f"{self.name} ({self.expectation}): {self.message}"]
         for ex in self.examples:
             lines.append(f"      {ex.get('source', '?')}: {ex.get('value', '')}")
         return "\n".join(lines)
@@ -528,8 +528,6 @@ def _to_result(r: Any) -> ExpectationResult:
         total = out.element_count or 0
         pct = res.get("unexpected_percent") or 0.0
         out.message = f"{out.unexpected_count} of {total} unexpected ({pct:.2f}%)"
-        if not out.success and out.examples:
-            out.message += "; e.g. " + out.examples[0]["value"]
     else:
         out.message = f"observed {out.observed}"
     return out

@@ -1,0 +1,55 @@
+"""Multi-task gain (delta-m): the multi-task model against one single-task model per task, same budget.
+
+Each single-task run keeps the stage list (steps, learning rates, freezing) but trains one task, so
+its optimizer sees the same number of steps; all share the prepared data and tokenizer.
+Prints one JSON line: {"profile", "delta_m": {task: %}, "mean_delta_m", "multi_task", "single_task", "seconds"}.
+
+    python benchmarks/mtl_gain.py --profile quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tasks_mtl.config import load_config
+from tasks_mtl.data.prepare import prepare
+from tasks_mtl.evaluate import evaluate, multi_task_gain
+from tasks_mtl.tokenization import tokenize
+from tasks_mtl.train import train_all
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--out", default="benchmarks/out/mtl_gain")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    out = Path(args.out).resolve()
+    base = load_config(args.params, profile=args.profile)
+    prepare(base)
+    tokenize(base)
+
+    mtl_cfg = load_config(args.params, profile=args.profile, overrides={"training.output_dir": str(out / "multi")})
+    multi = evaluate(mtl_cfg, train_all(mtl_cfg))
+    single = {}
+    for task in base.tasks:
+        stages = [s.model_dump(mode="json") | {"tasks": [task]} for s in base.training.stages]
+        cfg = load_config(args.params, profile=args.profile, overrides={
+            "training.output_dir": str(out / f"single-{task}"), "training.stages": stages})
+        single[task] = evaluate(cfg, train_all(cfg))[task]
+    gains = multi_task_gain(multi, single, tuple(base.gates.lower_is_better))
+    print(json.dumps({
+        "profile": args.profile,
+        "delta_m": {t: round(v, 2) for t, v in gains.items()},
+        "mean_delta_m": round(sum(gains.values()) / max(len(gains), 1), 2),
+        "multi_task": multi, "single_task": single,
+        "seconds": round(time.perf_counter() - started, 1),
+    }, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
