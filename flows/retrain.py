@@ -33,13 +33,15 @@ from tasks_mtl.gates import gate_summary
 
 
 @flow(name="retrain")  # no log_prints: library output (datasets, tqdm) would flood the run log
-def retrain(params: str | None = "params.yaml", profile: str | None = None,
-            overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def retrain(params: str = "params.yaml", profile: str | None = None,
+            overrides: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retrain on the current data and register the result; promote it only through the gates.
 
+    The configuration comes from `params` + `profile` + dotted `overrides` (what a deployment
+    passes), or, when `config` is given, is that fully resolved configuration as it stands.
     Bad data fails the flow at `validate`, before anything is trained or registered.
     """
-    cfg = load_config(params, profile=profile, overrides=overrides)
+    cfg = Config.model_validate(config) if config is not None else load_config(params, profile=profile, overrides=overrides)
     provenance = data_version_step(cfg)
     validate_step(cfg)
 
@@ -72,15 +74,15 @@ def flow_parameters(cfg: Config, params: str | Path | None = None, profile: str 
                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Serialisable flow parameters that rebuild `cfg`.
 
-    With the params file it came from, those are passed as they are (readable in the UI). Without,
-    the whole resolved configuration goes as overrides on no file, with `tasks_replace` so tasks
-    dropped from the defaults stay dropped, and profile "default" so $MTL_PROFILE is not applied twice.
+    With the params file it came from, those are passed as they are (readable in the UI);
+    without, the whole resolved configuration is passed as `config`, since dotted overrides
+    merge into the defaults and so could not drop a default key (a default gate, say).
     """
     if params is not None:
         return {"params": str(params), "profile": profile, "overrides": overrides or None}
     resolved = cfg.model_dump(mode="json")
     resolved["root"] = str(cfg.root.resolve())
-    return {"params": None, "profile": "default", "overrides": {**resolved, "tasks_replace": True}}
+    return {"config": resolved}
 
 
 def run_local(cfg: Config, params: str | Path | None = None, profile: str | None = None,

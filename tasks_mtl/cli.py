@@ -73,7 +73,7 @@ def validate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
     cfg = _config(params, profile, set_)
     result = run_validate(cfg)
-    console.print(result.summary())
+    console.print(result.summary(), markup=False, highlight=False, soft_wrap=True)
     if not result.success:
         raise typer.Exit(1)
 

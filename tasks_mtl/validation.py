@@ -140,8 +140,9 @@ def validate(cfg: Config, loader: Loader | None = None) -> ValidationResult:
         try:
             table = loader(cfg, name)
         except read_errors as err:
+            # Not a GX expectation: the reader itself refused the file (bad bytes, broken JSON, ...).
             unreadable = ExpectationResult(
-                name="readable", expectation="readable", success=False, message=f"readable: {err}"
+                name="readable", expectation="load_task_table", success=False, message=str(err)
             )
             tasks[name] = TaskResult(name=name, type=task.type, success=False, expectations=[unreadable])
             continue

@@ -210,7 +210,8 @@ def test_token_row_without_tags(tmp_path: Path) -> None:
     table.at[0, "tags"] = None
     result = run(tmp_path, {"ner": table})
     assert failed_names(result, "ner") == ["tags is a list", "tokens and tags of equal length"]
-    assert_rejected(tmp_path, result, "ner", "tokens and tags of equal length", says="n_tokens=6 vs n_tags=None")
+    says = "n_tokens=6 vs n_tags=None"
+    assert_rejected(tmp_path, result, "ner", "tokens and tags of equal length", says=says)
 
 
 def test_invalid_tag_sequence_i_after_o(tmp_path: Path) -> None:

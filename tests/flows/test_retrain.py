@@ -9,7 +9,7 @@ import pytest
 from flows import steps
 from flows.retrain import flow_parameters, run_local
 from tasks_mtl import registry, tracking
-from tasks_mtl.config import Config, load_config
+from tasks_mtl.config import Config
 
 METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.78}, "ner": {"f1": 0.5}}
 
@@ -61,10 +61,10 @@ def fakes(mlflow_cfg, fake_checkpoint, monkeypatch):
     return calls
 
 
-def test_flow_parameters_rebuild_the_config(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTL_PROFILE", "nonexistent")  # must not leak into a fully resolved config
+def test_flow_parameters_rebuild_the_config(tmp_path):
     cfg = Config(root=tmp_path, seed=7, tasks={"sentiment": Config().tasks["sentiment"]})
-    rebuilt = load_config(**flow_parameters(cfg))
+    cfg.gates.thresholds = {"sentiment": {"accuracy": 0.7}}  # a dropped default gate stays dropped
+    rebuilt = Config.model_validate(flow_parameters(cfg)["config"])
     assert rebuilt.model_dump() == cfg.model_dump()
     json.dumps(flow_parameters(cfg))  # a deployment must be able to store them
     assert flow_parameters(cfg, "params.yaml", "quick", {"seed": 3}) == {
