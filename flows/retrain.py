@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from flows.steps import (
+    champion_metrics_step,
     data_version_step,
     evaluate_step,
     gates_step,
@@ -57,7 +58,7 @@ def retrain(params: str = "params.yaml", profile: str | None = None,
             checkpoint = train_stage_step.with_options(name=f"train-{stage.name}")(cfg, index, run.run_id, checkpoint)
         loss_report_step(cfg)
         metrics = evaluate_step(cfg, checkpoint, run.run_id)
-        gates = gates_step(cfg, metrics)
+        gates = gates_step(cfg, metrics, champion_metrics_step(cfg))
         version = register_step(cfg, checkpoint, metrics, gates, run.run_id, provenance)
         promoted = promote_step(cfg, version, gates)
         run.set_tags({"gate": gates["decision"], "gate_summary": gate_summary(gates),

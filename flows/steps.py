@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
@@ -106,9 +106,28 @@ def evaluate_step(cfg: Config, checkpoint: Path, run_id: str) -> dict[str, dict[
     return metrics
 
 
+@task(name="evaluate-champion", cache_policy=NO_CACHE)
+def champion_metrics_step(cfg: Config) -> dict[str, dict[str, float]] | None:
+    """The current champion's metrics on this run's test split, so the no-regression gates compare
+    like with like after the data changed; the metrics recorded at its registration only when the
+    champion cannot be evaluated here (e.g. its task set no longer matches the data)."""
+    from tasks_mtl.evaluate import evaluate
+
+    try:
+        champion = registry.resolve_model_dir(cfg, None)
+    except registry.NoChampionError:
+        return None
+    try:
+        return evaluate(cfg, champion)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+        get_run_logger().warning("champion not re-evaluated (%s); using its recorded metrics", err)
+        return registry.champion_metrics(cfg)
+
+
 @task(name="gates", cache_policy=NO_CACHE)
-def gates_step(cfg: Config, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
-    result = evaluate_gates(cfg, metrics, registry.champion_metrics(cfg))
+def gates_step(cfg: Config, metrics: dict[str, dict[str, float]],
+               champion: dict[str, dict[str, float]] | None) -> dict[str, Any]:
+    result = evaluate_gates(cfg, metrics, champion)
     write_gates(cfg, result)
     create_markdown_artifact(key="gate-decisions", markdown=gates_markdown(result), description=gate_summary(result))
     return result

@@ -108,7 +108,6 @@ def evaluate(cfg: Config, checkpoint_dir: Path, split: str = "test", predictor: 
             results[name] = tagging_metrics(pred_tags, [r["tags"] for r in rows], task)
         elif task.type == "mlm":
             results[name] = mlm_metrics(predictor, name, [r["text"] for r in rows], cfg.seed)
-        results[name]["examples"] = float(len(rows))
     return results
 
 
@@ -136,7 +135,7 @@ def multi_task_gain(mtl: dict[str, dict[str, float]], single: dict[str, dict[str
     for task, base in single.items():
         changes = []
         for metric, b in base.items():
-            if metric == "examples" or metric not in mtl.get(task, {}) or b == 0:
+            if metric not in mtl.get(task, {}) or b == 0:
                 continue
             sign = -1.0 if metric in lower_is_better else 1.0
             changes.append(sign * (mtl[task][metric] - b) / abs(b))

@@ -27,18 +27,21 @@ def _require_local_model(path: Path) -> Path:
     return path
 
 
-def training_texts(cfg: Config):
-    """Every train-split text of every task (token tasks joined), the corpus the vocabulary is learnt from."""
+def training_texts(cfg: Config) -> list[str]:
+    """Every distinct train-split text of every task (token rows joined): the corpus the vocabulary is
+    learnt from. NER, segmentation and POS share their sentences, so duplicates are dropped first."""
     from tasks_mtl.data.prepare import read_split
 
-    for name, task in cfg.tasks.items():
+    texts: dict[str, None] = {}
+    for name in cfg.tasks:
         for row in read_split(cfg, name, "train"):
             if "tokens" in row:
-                yield "".join(row["tokens"])
+                texts["".join(row["tokens"])] = None
             else:
-                yield row["text"]
+                texts[row["text"]] = None
                 if row.get("text_pair"):
-                    yield row["text_pair"]
+                    texts[row["text_pair"]] = None
+    return list(texts)
 
 
 def build_tokenizer(cfg: Config):

@@ -43,3 +43,12 @@ def fake_checkpoint(tmp_path, monkeypatch) -> Path:
     (ckpt / "mtl.json").write_text(json.dumps({"tasks": ["sentiment"]}), encoding="utf-8")
     monkeypatch.setattr(registry, "_load_predictor", FakePredictor)
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One Prefect test server for the in-process flow tests, stopped while pytest still owns stdout."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -15,7 +15,7 @@ METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.78}, "ner": {"f1": 0.5}}
 
 
 @pytest.fixture
-def fakes(mlflow_cfg, fake_checkpoint, monkeypatch):
+def fakes(prefect_api, mlflow_cfg, fake_checkpoint, monkeypatch):
     """Replace validate/prepare/tokenize/train/evaluate; record what ran."""
     import tasks_mtl.data.prepare
     import tasks_mtl.evaluate
