@@ -23,7 +23,12 @@ def fakes(prefect_api, mlflow_cfg, fake_checkpoint, monkeypatch):
     import tasks_mtl.train
     import tasks_mtl.validation
 
-    calls = {"validate": 0, "tokenize": 0, "train": [], "fail_stage_once": None, "valid": True, "metrics": METRICS}
+    calls = {"validate": 0, "tokenize": 0, "train": [], "fail_stage_once": None, "valid": True, "metrics": METRICS,
+             "champion_evaluated": []}
+
+    def evaluate(cfg, checkpoint, split="test"):  # the champion, re-scored on this run's test split
+        calls["champion_evaluated"].append(checkpoint)
+        return METRICS
 
     def validate(cfg):
         calls["validate"] += 1
@@ -56,6 +61,7 @@ def fakes(prefect_api, mlflow_cfg, fake_checkpoint, monkeypatch):
     monkeypatch.setattr(tasks_mtl.train, "train_stage", train_stage)
     monkeypatch.setattr(tasks_mtl.train, "write_loss_report", lambda cfg: cfg.path("reports/losses"))
     monkeypatch.setattr(tasks_mtl.evaluate, "evaluate_to_report", lambda cfg, checkpoint: calls["metrics"])
+    monkeypatch.setattr(tasks_mtl.evaluate, "evaluate", evaluate)
     monkeypatch.setattr(steps.train_stage_step, "retry_delay_seconds", 0)
     mlflow_cfg.gates.thresholds = {"sentiment": {"accuracy": 0.6}, "ner": {"f1": 0.2}}
     return calls
@@ -90,6 +96,9 @@ def test_gated_registration_and_tokenize_cache(mlflow_cfg, fakes):
     second = run_local(cfg)
     assert second["version"] == 2 and not second["promoted"] and second["gates"]["decision"] == "reject"
     assert fakes["tokenize"] == 1  # cached on data version + settings: not run again
+    assert fakes["champion_evaluated"] == [registry.resolve_model_dir(cfg, None)]  # no champion on run 1
+    no_regression = [g for g in second["gates"]["gates"] if g["kind"] == "no_regression"]
+    assert no_regression and all(g["champion"] == METRICS[g["task"]][g["metric"]] for g in no_regression)
     rows = {r["version"]: r["aliases"] for r in registry.list_versions(cfg)}
     assert rows == {1: ["champion"], 2: ["challenger"]}
 
