@@ -129,11 +129,12 @@ class StageConfig(Strict):
 
 
 def _default_stages() -> list[StageConfig]:
+    # About 12 minutes on 2 CPU cores for the small BERT (~3.7k useful tokens/s at batch 32).
     return [
-        StageConfig(name="warmup", freeze_layers="all", steps=300, head_lr=2e-3, warmup=0.0),
-        StageConfig(name="joint", freeze_layers=2, steps=1500, encoder_lr=3e-4, head_lr=1e-3,
+        StageConfig(name="warmup", freeze_layers="all", steps=200, head_lr=2e-3, warmup=0.0),  # heads only
+        StageConfig(name="joint", freeze_layers=1, steps=800, encoder_lr=1e-3, head_lr=2e-3,  # from-scratch
                     weighting="uncertainty", sampler="temperature", sampler_args={"temperature": 2.0}),
-        StageConfig(name="full", freeze_layers="none", steps=1500, encoder_lr=1e-4, head_lr=5e-4,
+        StageConfig(name="full", freeze_layers="none", steps=1000, encoder_lr=5e-4, head_lr=1e-3,
                     layer_decay=0.9, sampler="temperature", sampler_args={"temperature": 2.0}),
     ]
 

@@ -68,6 +68,7 @@ def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) ->
     model, tokenizer = predictor.model, predictor.tokenizer
     collate = model.task_types[task].collator(tokenizer, seed=seed)
     total_loss, correct, count = 0.0, 0, 0
+    texts = sorted(texts, key=len)  # similar lengths per batch: little padding (the metrics are order-free)
     for start in range(0, len(texts), predictor.batch_size):
         enc = tokenizer(texts[start:start + predictor.batch_size], truncation=True, max_length=predictor.window,
                         return_special_tokens_mask=True)

@@ -66,59 +66,65 @@ class Predictor:
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model.heads[task](self.model.task_hidden(task, batch)).float()
 
+    def _length_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices in batches of similar length (little padding); callers put results back in input order."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
     def class_probs(self, task: str, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         """(N, C) class probabilities; single texts longer than the window average over windows."""
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
+        out = np.zeros((len(texts), len(self.tasks[task].labels)), dtype=np.float32)
+        lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
+        for rows in self._length_batches(lengths):
+            chunk = [texts[i] for i in rows]
             if pairs is None:
                 enc = self.tokenizer(chunk, truncation=True, max_length=self.window, stride=self.stride,
                                      return_overflowing_tokens=True, padding=True, return_tensors="pt")
                 owner = enc.pop("overflow_to_sample_mapping")
             else:
-                enc = self.tokenizer(chunk, pairs[start:start + self.batch_size], truncation="longest_first",
+                enc = self.tokenizer(chunk, [pairs[i] for i in rows], truncation="longest_first",
                                      max_length=self.window, padding=True, return_tensors="pt")
                 owner = torch.arange(len(chunk))
             probs = torch.softmax(self._logits(task, enc), -1).cpu()  # (F, C)
             summed = torch.zeros(len(chunk), probs.shape[1]).index_add_(0, owner, probs)
-            out.append(summed / torch.bincount(owner, minlength=len(chunk)).clamp(min=1)[:, None])
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.tasks[task].labels)))
+            out[rows] = (summed / torch.bincount(owner, minlength=len(chunk)).clamp(min=1)[:, None]).numpy()
+        return out
 
     def token_tags(self, task: str, token_lists: list[list[str]]) -> list[list[str]]:
         """One tag per token of each list; tokens the tokenizer drops (whitespace) get the outside tag."""
         tags = self.tasks[task].tag_set()
         outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
         head = self.model.heads[task]
-        results: list[list[str]] = []
-        for start in range(0, len(token_lists), self.batch_size):
-            chunk = token_lists[start:start + self.batch_size]
+        results: list[list[str]] = [[] for _ in token_lists]
+        for rows in self._length_batches([len(t) for t in token_lists]):
+            chunk = [token_lists[i] for i in rows]
             enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.window,
                                  stride=self.stride, return_overflowing_tokens=True, padding=True, return_tensors="pt")
             owner = enc["overflow_to_sample_mapping"].tolist()
             emissions = self._logits(task, enc).cpu()  # (F, T, C)
-            best: list[dict[int, tuple[int, torch.Tensor]]] = [{} for _ in chunk]
+            lengths = enc["attention_mask"].sum(1).tolist()
+            best: list[dict[int, tuple[int, int, int]]] = [{} for _ in chunk]  # word -> (margin, feature, position)
             for f, sample in enumerate(owner):
-                word_ids = enc.word_ids(f)
-                length = int(enc["attention_mask"][f].sum())
                 previous = None
-                for pos, word in enumerate(word_ids):
+                for pos, word in enumerate(enc.word_ids(f)):
                     if word is not None and word != previous:
-                        margin = min(pos, length - 1 - pos)
+                        margin = min(pos, lengths[f] - 1 - pos)
                         if word not in best[sample] or margin > best[sample][word][0]:
-                            best[sample][word] = (margin, emissions[f, pos])
+                            best[sample][word] = (margin, f, pos)
                     previous = word
             for sample, tokens in enumerate(chunk):
                 present = sorted(best[sample])
                 decoded = [outside] * len(tokens)
                 if present:
-                    em = torch.stack([best[sample][w][1] for w in present])  # (W, C)
+                    where = [best[sample][w] for w in present]
+                    em = emissions[[f for _, f, _ in where], [p for _, _, p in where]]  # (W, C)
                     if head.crf is not None:
                         ids = head.crf.decode(em[None].to(self.device))[0]
                     else:
                         ids = em.argmax(-1).tolist()
                     for w, i in zip(present, ids):
                         decoded[w] = tags[i]
-                results.append(decoded)
+                results[rows[sample]] = decoded
         return results
 
     # -- records ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e_helpers import BIN, REPO, env_for, free_port, make_root, relaxed_gates, run
+from e2e_helpers import BIN, REPO, env_for, free_port, ingest_shrunk, make_root, relaxed_gates, run
 from tasks_mtl import registry
 from tasks_mtl.config import load_config
 
@@ -107,7 +107,7 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     run(["git", "init", "-q"], repo, env)
     if not (repo / ".dvc").is_dir():  # the checkout's own .dvc/ is copied when it exists
         _dvc(["init", "-q"], repo, env)
-    run([str(BIN / "mtl"), "ingest", "--out", "data"], repo, env)
+    ingest_shrunk(repo, env)
     _dvc(["add", "-q", "data"], repo, env)
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     params["profile"] = "quick"
