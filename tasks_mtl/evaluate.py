@@ -32,13 +32,10 @@ def classification_metrics(pred: list[int], gold: list[int], num_labels: int) ->
 
 def _iob2(tags: list[str], scheme: str) -> list[str]:
     """Any scheme -> IOB2 strings for seqeval; untyped spans (segmentation) get the type W."""
-    out = ["O"] * len(tags)
-    for start, end, kind in lenient_spans(tags, scheme):
-        kind = kind or "W"
-        out[start] = f"B-{kind}"
-        for i in range(start + 1, end):
-            out[i] = f"I-{kind}"
-    return out
+    from tasks_mtl.data.tagging import spans_to_tags
+
+    spans = [(start, end, kind or "W") for start, end, kind in lenient_spans(tags, scheme)]
+    return spans_to_tags(spans, len(tags), "bio", typed=True)
 
 
 def tagging_metrics(pred: list[list[str]], gold: list[list[str]], cfg: TaskConfig) -> dict[str, float]:

@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 _home = Path(tempfile.mkdtemp(prefix="mtl-test-prefect-"))
-os.environ.setdefault("PREFECT_HOME", str(_home))
+os.environ["PREFECT_HOME"] = str(_home)  # tests never touch the checkout's .prefect
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["GX_ANALYTICS_ENABLED"] = "false"

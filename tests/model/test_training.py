@@ -153,3 +153,65 @@ def test_cli_train_then_evaluate_end_to_end(tiny_cfg, monkeypatch):
     bad.write_text('{"txt": "oops"}\n', encoding="utf-8")
     result = runner.invoke(app, ["predict", "--input", str(bad), "--output", "o.jsonl", "--model", str(last)])
     assert result.exit_code == 2 and "text" in result.output
+
+
+def test_bf16_autocast_with_gradient_accumulation_and_a_gradient_method(tmp_path):
+    from tiny_project import make_tiny_project
+
+    cfg = make_tiny_project(tmp_path, {"training": {"bf16": True, "grad_accum": 2, "stages": [
+        {"name": "only", "steps": 3, "encoder_lr": 1e-3, "weighting": "gradnorm"}]}})
+    tokenize(cfg)
+    out = train_stage(cfg, 0)
+    log = (out.parent / "1-only.log.csv").read_text()
+    assert "weight/ner" in log and "nan" not in log.lower()
+
+
+def test_a_user_task_from_files_trains_without_code_changes(tmp_path):
+    """Bring your own data: a JSONL classification task and a BIOES CoNLL NER task, split by the rule."""
+    import random
+
+    import yaml
+
+    from tasks_mtl.config import load_config
+    from tasks_mtl.data.prepare import prepare, read_split
+
+    rng = random.Random(0)
+    brands = ["华为", "小米", "苹果"]
+    with (tmp_path / "intent.jsonl").open("w", encoding="utf-8") as fh:
+        for i in range(300):
+            label = rng.choice(["query", "order"])
+            text = ("请问" if label == "query" else "我要买") + rng.choice(brands) + "手机" + "的" * (i % 7)
+            fh.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
+    with (tmp_path / "brands.conll").open("w", encoding="utf-8") as fh:
+        for i in range(300):
+            brand = rng.choice(brands)
+            chars = list("我喜欢" + brand + "手机" + "很" * (i % 9))
+            tags = ["O", "O", "O", "B-BRAND", "E-BRAND"] + ["O"] * (len(chars) - 5)
+            fh.write("".join(f"{c}\t{t}\n" for c, t in zip(chars, tags)) + "\n")
+    params = {
+        "tasks_replace": True,
+        "tasks": {
+            "intent": {"type": "classification", "files": {"all": "intent.jsonl"}, "labels": ["query", "order"]},
+            "brand": {"type": "token_classification", "files": {"all": "brands.conll"}, "labels": ["BRAND"],
+                      "scheme": "bio"},
+        },
+        "encoder": {"layers": 1, "hidden": 32, "heads": 2, "intermediate": 64, "vocab_size": 200,
+                    "vocab_min_frequency": 1, "max_length": 32},
+        "training": {"batch_size": 16, "stages": [{"name": "only", "steps": 40, "encoder_lr": 3e-3,
+                                                    "head_lr": 3e-3}]},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    cfg = load_config(tmp_path / "params.yaml")
+    summary = prepare(cfg)
+    assert set(summary) == {"intent", "brand"} and summary["intent"]["test"]["rows"] > 0
+    row = read_split(cfg, "brand", "train")[0]
+    assert "B-BRAND" in row["tags"] and "E-BRAND" not in row["tags"]  # BIOES converted to the task's BIO
+    tokenize(cfg)
+    out = train_stage(cfg, 0)
+    from tasks_mtl.evaluate import evaluate
+
+    metrics = evaluate(cfg, out)
+    assert metrics["intent"]["accuracy"] > 0.9 and metrics["brand"]["f1"] > 0.9  # a trivially learnable pattern
+    record = Predictor.from_dir(out).predict(["我喜欢小米手机"])[0]
+    assert set(record) == {"text", "intent", "brand"}
+    assert record["brand"] == [{"start": 3, "end": 5, "type": "BRAND", "text": "小米"}]
