@@ -20,6 +20,7 @@ from flows.steps import (
     data_version_step,
     evaluate_step,
     gates_step,
+    ingest_step,
     loss_report_step,
     prepare_step,
     promote_step,
@@ -43,6 +44,7 @@ def retrain(params: str = "params.yaml", profile: str | None = None,
     Bad data fails the flow at `validate`, before anything is trained or registered.
     """
     cfg = Config.model_validate(config) if config is not None else load_config(params, profile=profile, overrides=overrides)
+    ingest_step(cfg)  # a fresh clone has data.dvc but no data/: the bundled ingest reproduces it
     provenance = data_version_step(cfg)
     validate_step(cfg)
 

@@ -28,6 +28,13 @@ class DataValidationError(RuntimeError):
     """The data failed validation; the message is the validation summary naming each failure."""
 
 
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_step(cfg: Config) -> dict | None:
+    from tasks_mtl.data.ingest import ensure_raw_data
+
+    return ensure_raw_data(cfg)
+
+
 @task(name="data-version", cache_policy=NO_CACHE)
 def data_version_step(cfg: Config) -> dict[str, str]:
     return tracking.data_version(cfg)

@@ -266,8 +266,3 @@ def load_config(
         full["root"] = root / merged["root"]
     cfg = Config.model_validate(full)
     return cfg
-
-
-def profile_name(params: Path | str = "params.yaml", profile: str | None = None) -> str:
-    raw = yaml.safe_load(Path(params).read_text(encoding="utf-8")) if Path(params).exists() else {}
-    return profile or os.environ.get("MTL_PROFILE") or (raw or {}).get("profile") or "default"

@@ -24,9 +24,9 @@ def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
     from transformers import BertConfig, BertModel
 
     if cfg.encoder.pretrained is not None:
-        from tasks_mtl.tokenization import _require_local_model
+        from tasks_mtl.tokenization import require_local_model
 
-        path = _require_local_model(cfg.path(cfg.encoder.pretrained))
+        path = require_local_model(cfg.path(cfg.encoder.pretrained))
         return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
     e = cfg.encoder
     config = BertConfig(

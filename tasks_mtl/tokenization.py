@@ -18,7 +18,7 @@ TOKENIZER_DIR = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _require_local_model(path: Path) -> Path:
+def require_local_model(path: Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"encoder.pretrained: {path} is not a directory; give a local Hugging Face BERT directory "
@@ -49,7 +49,7 @@ def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer, BertTokenizerFast
 
     if cfg.encoder.pretrained is not None:
-        path = _require_local_model(cfg.path(cfg.encoder.pretrained))
+        path = require_local_model(cfg.path(cfg.encoder.pretrained))
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
     from tokenizers import BertWordPieceTokenizer

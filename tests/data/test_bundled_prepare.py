@@ -253,3 +253,15 @@ def test_read_split_names_the_missing_step(tmp_path):
     cfg = _config(tmp_path, t=TaskConfig(type="mlm", files={"all": Path("x.jsonl")}))
     with pytest.raises(FileNotFoundError, match="mtl prepare"):
         read_split(cfg, "t", "train")
+
+
+def test_missing_raw_data_is_ingested_but_existing_data_is_left_alone(tmp_path):
+    from tasks_mtl.config import load_config
+    from tasks_mtl.data.ingest import ensure_raw_data
+
+    cfg = load_config(None, overrides={"root": str(tmp_path)})
+    counts = ensure_raw_data(cfg)
+    assert counts and (tmp_path / "data" / "peoples_daily" / "199801.txt").exists()
+    (tmp_path / "data" / "sentiment" / "pos.txt").write_text("我的版本\n", encoding="utf-8")
+    assert ensure_raw_data(cfg) is None
+    assert (tmp_path / "data" / "sentiment" / "pos.txt").read_text(encoding="utf-8") == "我的版本\n"
