@@ -22,19 +22,24 @@ ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="profile in
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override KEY=VALUE (dotted key, YAML value)")]
 
 
-def _config(params: Path, profile: str | None, overrides: list[str] | None = None):
+def _overrides(items: list[str] | None) -> dict:
+    """`-S key.sub=value` options -> {dotted key: YAML-parsed value}."""
     import yaml
 
-    from tasks_mtl.config import load_config
-
     pairs = {}
-    for item in overrides or []:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--set expects KEY=VALUE, got {item!r}")
         pairs[key] = yaml.safe_load(value)
+    return pairs
+
+
+def _config(params: Path, profile: str | None, overrides: list[str] | None = None):
+    from tasks_mtl.config import load_config
+
     try:
-        return load_config(params, profile=profile, overrides=pairs)
+        return load_config(params, profile=profile, overrides=_overrides(overrides))
     except ValueError as err:  # pydantic's ValidationError is a ValueError
         console.print(f"[red]configuration error[/red] in {params}: {err}")
         raise typer.Exit(2) from None
@@ -155,13 +160,10 @@ def pipeline(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole retraining flow locally: validate -> prepare -> tokenize -> train -> evaluate -> gates -> registry."""
-    import yaml
-
     from flows.retrain import run_local
 
-    cfg = _config(params, profile, set_)
-    pairs = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in set_ or [])}
-    result = run_local(cfg, params=params.resolve(), profile=profile, overrides=pairs)  # the flow rebuilds cfg from these
+    cfg = _config(params, profile, set_)  # fails fast on a bad configuration, before Prefect starts
+    result = run_local(cfg, params=params.resolve(), profile=profile, overrides=_overrides(set_))
     _print_metrics(result["metrics"])
     _print_gates(result["gates"])
     if result.get("error"):

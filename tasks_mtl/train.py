@@ -90,6 +90,12 @@ def stage_steps(cfg: Config, stage: StageConfig, sizes: dict[str, int]) -> int:
     return max(1, math.ceil(stage.epochs * max(sizes.values()) / per_step))
 
 
+def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
+    """Tokenized train features per task of a stage, from the tokenize step's meta.json."""
+    features = json.loads((cfg.path(cfg.data.tokenized_dir) / "meta.json").read_text())["features"]
+    return {t: features[t]["train"] for t in stage.tasks or cfg.tasks}
+
+
 def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float) -> list[dict]:
     """Encoder parameters by depth (layer-wise LR decay from the top), then heads and soft layers."""
     groups: dict[tuple[float, float], list] = {}
@@ -187,7 +193,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         log_file.unlink()
     window: dict[str, list[float]] = {}
     started, tokens = time.perf_counter(), 0
-    offset = sum(stage_steps(cfg, s, sizes) for s in cfg.training.stages[:index] if s.steps is not None)
+    offset = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages[:index])  # global step
     while step < total:
         weights: dict[str, float] = {}
         for _ in range(cfg.training.grad_accum):
