@@ -84,8 +84,11 @@ def _inputs_hash(cfg: Config) -> str:
     return digest.hexdigest()
 
 
-def tokenize(cfg: Config, splits: tuple[str, ...] = ("train", "validation")) -> Path:
-    """Write the tokenizer and one Arrow dataset per task and split; skip when inputs are unchanged."""
+def tokenize(cfg: Config, splits: tuple[str, ...] = ("train",)) -> Path:
+    """Write the tokenizer and one Arrow dataset per task and split; skip when inputs are unchanged.
+
+    Only train is tokenized by default: evaluation reads the prepared splits through the predictor,
+    so it scores whole texts exactly as `mtl predict` does."""
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
