@@ -112,7 +112,7 @@ def tokenize(cfg: Config, splits: tuple[str, ...] = ("train",)) -> Path:
             rows = read_split(cfg, name, split)
             columns = {k: [r.get(k) for r in rows] for k in task.input_columns}
             dataset = Dataset.from_dict(columns).map(
-                lambda batch: task.encode(batch, tokenizer, cfg.encoder.max_length),
+                lambda batch, task=task: task.encode(batch, tokenizer, cfg.encoder.max_length),
                 batched=True,
                 remove_columns=list(task.input_columns),
             )

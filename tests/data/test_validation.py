@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from tasks_mtl.config import Config, DataConfig, TaskConfig
 from tasks_mtl.validation import ValidationResult, validate
