@@ -96,19 +96,24 @@ def package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def expected_files() -> dict[str, bytes]:
+    """The exact bytes ingest writes, per file relative to the raw directory (SOURCE.md included)."""
+    package = package_dir()
+    files = {target: normalise((package / resource).read_bytes(), resource) for target, resource in FILES.items()}
+    files[SOURCE_NAME] = _SOURCE_TEXT.format(version=importlib.metadata.version(PACKAGE)).encode("utf-8")
+    return files
+
+
 def ingest(out: Path) -> dict:
-    """Write the bundled corpora into `out` deterministically; returns the line count per file."""
+    """Write the bundled corpora into `out` deterministically; returns the line count per corpus file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_stale(out)
-    package = package_dir()
     counts: dict[str, int] = {}
-    for target, resource in FILES.items():
-        data = normalise((package / resource).read_bytes(), resource)
+    for target, data in expected_files().items():
         write_atomic(out / target, data)
-        counts[target] = data.count(b"\n")
-    version = importlib.metadata.version(PACKAGE)
-    write_atomic(out / SOURCE_NAME, _SOURCE_TEXT.format(version=version).encode("utf-8"))
+        if target in FILES:
+            counts[target] = data.count(b"\n")
     return counts
 
 

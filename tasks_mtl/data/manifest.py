@@ -15,20 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks_mtl.data.ingest import FILES, PACKAGE, SOURCE_NAME, _SOURCE_TEXT, normalise, package_dir
+from tasks_mtl.data.ingest import PACKAGE, expected_files
 
 
 def _describe(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "lines": data.count(b"\n")}
-
-
-def expected_files() -> dict[str, bytes]:
-    """The bytes ingest would write for each raw file, from the installed package."""
-    package = package_dir()
-    expected = {target: normalise((package / resource).read_bytes(), resource) for target, resource in FILES.items()}
-    version = importlib.metadata.version(PACKAGE)
-    expected[SOURCE_NAME] = _SOURCE_TEXT.format(version=version).encode("utf-8")
-    return expected
 
 
 def write_manifest(raw_dir: Path, out: Path) -> dict[str, Any]:
