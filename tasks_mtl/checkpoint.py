@@ -2,7 +2,8 @@
 
     <dir>/encoder/      BERT weights and config (save_pretrained, safetensors)
     <dir>/tokenizer/    the tokenizer (save_pretrained)
-    <dir>/heads.safetensors   heads and soft-sharing layers
+    <dir>/heads.safetensors   heads, soft-sharing layers and bigram embeddings
+    <dir>/ngrams.safetensors  token-id n-gram tables (when bigram embeddings or n-gram bags are used)
     <dir>/mtl.json      tasks (type, tag/label set, sharing), encoder window, format version
 
 A stage that is running also keeps `<dir>.resume/`: a checkpoint as above plus state.safetensors and
@@ -37,9 +38,13 @@ def save_checkpoint(model, tokenizer, out: Path, max_length: int) -> Path:
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     heads = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("bert.")}
     save_file(heads, str(tmp / "heads.safetensors"))
+    if model.ngrams is not None:
+        model.ngrams.save(tmp)
     meta = {
         "format_version": FORMAT_VERSION,
         "max_length": max_length,
+        "bigram_dim": model.bigram_dim,
+        "bigram_zero_init": model.bigram_zero_init,
         "tasks": {n: t.model_dump(mode="json") for n, t in model.task_cfgs.items()},
     }
     (tmp / "mtl.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True))
@@ -74,7 +79,10 @@ def load_checkpoint(path: Path, tasks: dict[str, TaskConfig] | None = None, devi
     saved = {n: TaskConfig.model_validate(t) for n, t in meta["tasks"].items()}
     bert = BertModel.from_pretrained(str(path / "encoder"), add_pooling_layer=False, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    model = MultiTaskModel(bert, tasks or saved)
+    from tasks_mtl.ngrams import NgramTables
+
+    model = MultiTaskModel(bert, tasks or saved, NgramTables.load(path), bigram_dim=meta.get("bigram_dim", 0),
+                           bigram_zero_init=meta.get("bigram_zero_init", False))
     heads = load_file(str(path / "heads.safetensors"))
     own = model.state_dict()
     usable = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}

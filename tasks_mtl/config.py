@@ -43,9 +43,15 @@ class EncoderConfig(Strict):
     intermediate: int = 1024  # 4 x hidden, as in BERT
     max_positions: int = 512  # positions the encoder can take; predict slides windows beyond it
     dropout: float = 0.1
-    vocab_size: int = 8000  # WordPiece trained on the corpus: every CJK character plus Latin pieces
+    vocab_size: int = 8000  # WordPiece pieces beyond the alphabet; every character seen in training gets an id
     vocab_min_frequency: int = 2  # a piece seen once is noise; its characters stay in the alphabet
     max_length: int = 128  # training window in tokens; p90 review is 175 chars, sentences ~35
+    bigrams: bool | None = None  # char-bigram embeddings added to the input; None: on from scratch, off when pretrained
+    bigram_dim: int = 64  # per bigram (left and right of a position, concatenated, projected to hidden)
+    ngram_min_count: int = 2  # n-grams seen fewer times in the training text map to "unknown"
+
+    def use_bigrams(self) -> bool:
+        return self.bigrams if self.bigrams is not None else self.pretrained is None
 
 
 class TaskConfig(Strict):
@@ -56,6 +62,8 @@ class TaskConfig(Strict):
     labels: list[str] = Field(default_factory=list)  # classes, or entity/POS types of a token task
     scheme: TagScheme = "bio"  # tag scheme the task trains on; any input scheme is converted
     crf: bool = False  # token tasks: CRF layer over the emissions
+    pooling: Literal["cls", "mean"] = "cls"  # sentence tasks: [CLS] vector or masked mean of the tokens
+    ngram_bag: int = 0  # sentence tasks: dim of a bag of char 1-3-gram embeddings beside the pooled vector (0 = off)
     output: Literal["spans", "words", "tagged_words"] = "spans"  # token tasks: shape of a prediction
     layer: int = -1  # hierarchical sharing: encoder layer the head reads (-1 = top, 0 = embeddings)
     sharing: Literal["hard", "soft"] = "hard"  # soft: private copies of the top layers, L2-tied
@@ -85,12 +93,13 @@ class TaskConfig(Strict):
 
 def _default_tasks() -> dict[str, TaskConfig]:
     return {
-        "sentiment": TaskConfig(type="classification", bundled="sentiment", labels=["negative", "positive"]),
+        "sentiment": TaskConfig(type="classification", bundled="sentiment", labels=["negative", "positive"],
+                                pooling="mean", ngram_bag=64),
         "ner": TaskConfig(type="token_classification", bundled="ner", labels=["PER", "LOC", "ORG"], scheme="bio"),
-        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", layer=2, output="words"),
+        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", output="words"),
         "pos": TaskConfig(type="token_classification", bundled="pos", labels=PEOPLES_DAILY_POS, scheme="bio",
                           output="tagged_words"),
-        "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"]),
+        "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"], pooling="mean"),
         "mlm": TaskConfig(type="mlm", bundled="mlm"),
     }
 
@@ -114,6 +123,7 @@ class StageConfig(Strict):
     epochs: float | None = None  # over the largest task of the stage
     encoder_lr: float = 1e-4
     head_lr: float = 1e-3
+    ngram_lr: float = 5e-3  # n-gram bags of sentence heads: a bag of embeddings learns at ~5x the encoder's rate
     layer_decay: float = 1.0  # layer-wise LR decay factor per layer below the top (1 = none)
     warmup: float = 0.1  # fraction of the stage's steps with linear warm-up, then linear decay
     weighting: str = "equal"
@@ -128,32 +138,47 @@ class StageConfig(Strict):
         return self
 
 
-def _default_stages() -> list[StageConfig]:
-    # About 12 minutes on 2 CPU cores for the small BERT (~4k useful tokens/s at batch 32). An encoder
-    # LR of 1e-3 from scratch left the [CLS] tasks at chance; temperature 5 keeps the smallest task
-    # (sentiment, 14k rows) near a sixth of the steps.
+def scratch_stages() -> list[StageConfig]:
+    """An encoder from random init: every layer trains from the first step (nothing to protect), one
+    stage with all tasks. Sized for ~22 minutes of a 30-minute `make run` on 2 CPU cores (bf16)."""
+    return [
+        StageConfig(name="joint", freeze_layers="none", steps=3000, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
+                    sampler="fixed", sampler_args={"weights": DEFAULT_TASK_SHARES}),
+    ]
+
+
+def pretrained_stages() -> list[StageConfig]:
+    """A pretrained encoder: warm the new heads up on a frozen encoder, tune jointly with the bottom
+    layer frozen, then fine-tune everything at a lower rate."""
     return [
         StageConfig(name="warmup", freeze_layers="all", steps=200, head_lr=2e-3, warmup=0.0),  # heads only
-        StageConfig(name="joint", freeze_layers=1, steps=800, encoder_lr=5e-4, head_lr=1e-3,
+        StageConfig(name="joint", freeze_layers=1, steps=800, encoder_lr=5e-5, head_lr=1e-3,
                     weighting="uncertainty", sampler="temperature", sampler_args={"temperature": 5.0}),
-        StageConfig(name="full", freeze_layers="none", steps=1000, encoder_lr=2e-4, head_lr=5e-4,
+        StageConfig(name="full", freeze_layers="none", steps=1000, encoder_lr=3e-5, head_lr=5e-4,
                     layer_decay=0.9, sampler="temperature", sampler_args={"temperature": 5.0}),
     ]
 
 
+# Share of the steps per task (a co-labelled group draws the sum of its tasks' shares): the token tasks
+# ride on one forward pass, sentiment needs epochs of its own, nsp and mlm are auxiliary.
+DEFAULT_TASK_SHARES = {"ner": 0.2, "cws": 0.15, "pos": 0.15, "sentiment": 0.3, "nsp": 0.1, "mlm": 0.1}
+
+
 class TrainingConfig(Strict):
-    batch_size: int = 32  # sequences per task batch
+    batch_size: int = 32  # sequences per task batch (when batch_tokens is None)
+    batch_tokens: int | None = 2048  # token budget per batch, cut from length-sorted buckets (padding counted)
+    co_label: bool = True  # token tasks that label the same texts train from one forward pass
     eval_batch_size: int = 64
     grad_accum: int = 1  # batches per optimizer step
     clip_norm: float = 1.0  # 0 disables clipping
     weight_decay: float = 0.01
-    bf16: bool = False  # autocast to bfloat16 (CPU with avx512_bf16, or GPU)
+    bf16: bool | None = None  # autocast to bfloat16; None: on where the device runs it fast (avx512_bf16/AMX CPU, GPU)
     device: str = "auto"  # auto: cuda when present, else cpu
     threads: int | None = None  # torch intra-op threads; None = torch's default
     save_every: int = 500  # steps between resumable checkpoints inside a stage (0 = off)
     log_every: int = 25  # steps between logged losses
     output_dir: Path = Path("checkpoints")
-    stages: list[StageConfig] = Field(default_factory=_default_stages)
+    stages: list[StageConfig] | None = None  # None: scratch_stages() or pretrained_stages(), by the encoder
 
 
 class GatesConfig(Strict):
@@ -190,17 +215,32 @@ class Config(Strict):
     reports_dir: Path = Path("reports")
 
     @model_validator(mode="after")
-    def _stage_tasks_exist(self) -> "Config":
+    def _stages(self) -> "Config":
+        if self.training.stages is None:
+            self.training.stages = pretrained_stages() if self.encoder.pretrained else scratch_stages()
+        pretrained = self.encoder.pretrained is not None
         for stage in self.training.stages:
             unknown = set(stage.tasks or []) - set(self.tasks)
             if unknown:
                 raise ValueError(f"stage {stage.name!r} names unknown task(s) {sorted(unknown)}")
+            if stage.freeze_layers != "none" and not pretrained:
+                raise ValueError(
+                    f"stage {stage.name!r} freezes encoder layers, but the encoder is not pretrained: freezing "
+                    "protects pretrained weights only. Set encoder.pretrained, put an MLM-only pretraining "
+                    "stage before it, or use freeze_layers: none")
+            pretrained = pretrained or is_pretraining(stage, self.tasks)
         return self
 
     def path(self, p: Path | str) -> Path:
         """Resolve a configured path against the run root."""
         p = Path(p)
         return p if p.is_absolute() else (self.root / p).resolve()
+
+
+def is_pretraining(stage: StageConfig, tasks: dict[str, TaskConfig]) -> bool:
+    """A stage that trains only masked-LM tasks pretrains the encoder for the stages after it."""
+    names = stage.tasks or list(tasks)
+    return bool(names) and all(tasks[n].type == "mlm" for n in names)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -250,6 +290,7 @@ def load_config(
     merged = deep_merge(merged, _dotted(overrides or {}))
 
     base = Config().model_dump(mode="python")
+    base["training"]["stages"] = None  # resolved after the merge, by whether the encoder is pretrained
     if merged.pop("tasks_replace", False):
         base["tasks"] = {}
     base["root"] = root

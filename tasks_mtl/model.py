@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from tasks_mtl.config import Config, TaskConfig
+from tasks_mtl.ngrams import BigramEmbedding, NgramTables
 from tasks_mtl.tasks import build_task
+
+
+def new_model(cfg: Config, tokenizer, ngrams: NgramTables | None) -> "MultiTaskModel":
+    """A fresh multi-task model for the run: its encoder, the configured heads, and the n-gram parts."""
+    bigram_dim = cfg.encoder.bigram_dim if cfg.encoder.use_bigrams() else 0
+    return MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), cfg.tasks, ngrams,
+                          bigram_dim=bigram_dim, bigram_zero_init=cfg.encoder.pretrained is not None)
 
 
 def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
@@ -38,7 +46,11 @@ def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, bert: nn.Module, tasks: dict[str, TaskConfig]):
+    """`ngrams` (token-id n-gram tables) feed the bigram embeddings (`bigram_dim` > 0) and the n-gram
+    bags of sentence heads; `bigram_zero_init` starts the bigram projection at zero (pretrained BERT)."""
+
+    def __init__(self, bert: nn.Module, tasks: dict[str, TaskConfig], ngrams: NgramTables | None = None,
+                 bigram_dim: int = 0, bigram_zero_init: bool = False):
         super().__init__()
         self.bert = bert
         self.task_cfgs = dict(tasks)
@@ -46,7 +58,12 @@ class MultiTaskModel(nn.Module):
         hidden = bert.config.hidden_size
         depth = bert.config.num_hidden_layers
         words = bert.embeddings.word_embeddings
-        self.heads = nn.ModuleDict({n: t.build_head(hidden, words) for n, t in self.task_types.items()})
+        if (bigram_dim or any(t.ngram_bag for t in tasks.values())) and ngrams is None:
+            raise ValueError("bigram embeddings and n-gram bags need the n-gram tables of the tokenize step")
+        self.ngrams = ngrams
+        self.bigram_dim, self.bigram_zero_init = bigram_dim, bigram_zero_init
+        self.bigrams = BigramEmbedding(ngrams, bigram_dim, hidden, bigram_zero_init) if bigram_dim else None
+        self.heads = nn.ModuleDict({n: t.build_head(hidden, words, ngrams) for n, t in self.task_types.items()})
         self.private = nn.ModuleDict({
             n: nn.ModuleList(copy.deepcopy(bert.encoder.layer[depth - t.soft_layers:]))
             for n, t in tasks.items() if t.sharing == "soft"
@@ -66,26 +83,47 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"task {task!r}: layer {cfg.layer} outside 0..{self.depth}")
         return layer
 
-    def encode(self, batch: dict, upto: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run embeddings and the first `upto` shared layers: (B, T) ids -> (B, T, H), plus the attention mask."""
+    def encode(self, batch: dict, upto: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Embeddings and the first `upto` shared layers: (B, T) ids -> [embeddings, layer 1, ..., layer upto]
+        hidden states, each (B, T, H), plus the attention mask."""
         from transformers.masking_utils import create_bidirectional_mask
 
-        hidden = self.bert.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
+        ids = batch["input_ids"]
+        embeds = self.bert.embeddings.word_embeddings(ids)  # (B, T, H)
+        if self.bigrams is not None:
+            embeds = embeds + self.bigrams(ids)
+        hidden = self.bert.embeddings(inputs_embeds=embeds, token_type_ids=batch.get("token_type_ids"))
         mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden,
                                          attention_mask=batch["attention_mask"])
+        states = [hidden]
         for layer in self.bert.encoder.layer[:upto]:
-            hidden = layer(hidden, mask)
-        return hidden, mask
+            states.append(layer(states[-1], mask))
+        return states, mask
+
+    def tasks_hidden(self, tasks: list[str], batch: dict) -> dict[str, torch.Tensor]:
+        """The hidden states (B, T, H) each task's head reads, from one pass through the shared layers."""
+        private = {t: self.private[t] for t in tasks if t in self.private}
+        upto = max(self.depth - len(private[t]) if t in private else self.read_layer(t) for t in tasks)
+        states, mask = self.encode(batch, upto)
+        out = {}
+        for task in tasks:
+            if task not in private:
+                out[task] = states[self.read_layer(task)]
+                continue
+            hidden = states[self.depth - len(private[task])]
+            for layer in private[task]:
+                hidden = layer(hidden, mask)
+            out[task] = hidden
+        return out
 
     def task_hidden(self, task: str, batch: dict) -> torch.Tensor:
         """The hidden states (B, T, H) the task's head reads."""
-        private = self.private[task] if task in self.private else None
-        if private is None:
-            return self.encode(batch, self.read_layer(task))[0]
-        hidden, mask = self.encode(batch, self.depth - len(private))
-        for layer in private:
-            hidden = layer(hidden, mask)
-        return hidden
+        return self.tasks_hidden([task], batch)[task]
+
+    def logits(self, task: str, batch: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The task head's output on a batch (prediction)."""
+        hidden = self.task_hidden(task, batch) if hidden is None else hidden
+        return self.task_types[task].logits(self.heads[task], hidden, batch)
 
     def soft_penalty(self, task: str) -> torch.Tensor | None:
         """L2 distance of a soft-shared task's private layers from the shared ones, times soft_l2."""
@@ -98,13 +136,28 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of one task on one of its batches."""
-        loss, logits = self.task_types[task].loss(self.heads[task], self.task_hidden(task, batch), batch)
-        penalty = self.soft_penalty(task)
-        return (loss if penalty is None else loss + penalty), logits
+        return self.forward_tasks([task], batch)[task]
+
+    def forward_tasks(self, tasks: list[str], batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Loss and logits of several tasks that label the same batch of texts, from one encoding.
+
+        A co-labelled batch carries `labels/<task>` per task (IGNORE where a row lacks that task's labels);
+        a task with no label in the batch is left out of the result."""
+        hidden = self.tasks_hidden(tasks, batch)
+        out = {}
+        for task in tasks:
+            task_batch = batch if len(tasks) == 1 else batch | {"labels": batch[f"labels/{task}"]}
+            if len(tasks) > 1 and not bool((task_batch["labels"] != -100).any()):
+                continue
+            loss, logits = self.task_types[task].loss(self.heads[task], hidden[task], task_batch)
+            penalty = self.soft_penalty(task)
+            out[task] = (loss if penalty is None else loss + penalty), logits
+        return out
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Encoder parameters that train (what gradient-surgery methods operate on)."""
-        return [p for p in self.bert.parameters() if p.requires_grad]
+        extra = list(self.bigrams.parameters()) if self.bigrams is not None else []
+        return [p for p in [*self.bert.parameters(), *extra] if p.requires_grad]
 
     def private_parameters(self) -> list[nn.Parameter]:
         """Task-specific parameters that train: heads and soft-sharing layers."""
@@ -121,6 +174,9 @@ class MultiTaskModel(nn.Module):
                     p.requires_grad = False
         for p in [*self.heads.parameters(), *self.private.parameters()]:
             p.requires_grad = True
+        if self.bigrams is not None:  # new weights, never pretrained: nothing to protect
+            for p in self.bigrams.parameters():
+                p.requires_grad = True
 
     def encoder_layer_of(self, name: str) -> int:
         """Depth of a `bert.` parameter for layer-wise LR decay: 0 embeddings, i+1 for layer i."""

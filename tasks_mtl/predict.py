@@ -64,7 +64,7 @@ class Predictor:
     @torch.no_grad()
     def _logits(self, task: str, enc: dict) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.model.heads[task](self.model.task_hidden(task, batch)).float()
+        return self.model.logits(task, batch).float()
 
     def _length_batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices in batches of similar length (little padding); callers put results back in input order."""

@@ -27,13 +27,13 @@ def require_local_model(path: Path) -> Path:
     return path
 
 
-def training_texts(cfg: Config) -> list[str]:
+def training_texts(cfg: Config, tasks: list[str] | None = None) -> list[str]:
     """Every distinct train-split text of every task (token rows joined): the corpus the vocabulary is
     learnt from. NER, segmentation and POS share their sentences, so duplicates are dropped first."""
     from tasks_mtl.data.prepare import read_split
 
     texts: dict[str, None] = {}
-    for name in cfg.tasks:
+    for name in cfg.tasks if tasks is None else tasks:
         for row in read_split(cfg, name, "train"):
             if "tokens" in row:
                 texts["".join(row["tokens"])] = None
@@ -55,15 +55,35 @@ def build_tokenizer(cfg: Config):
     from tokenizers import BertWordPieceTokenizer
 
     wordpiece = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True)
+    texts = training_texts(cfg)
+    # The trainer keeps only `limit_alphabet` initial characters (1,000 by default): Chinese needs every
+    # character of the corpus, so the alphabet is all of them and the vocabulary at least that large.
+    alphabet = len({ch for text in texts for ch in text.lower()})
     wordpiece.train_from_iterator(
-        training_texts(cfg),
-        vocab_size=cfg.encoder.vocab_size,
+        texts,
+        vocab_size=max(cfg.encoder.vocab_size, alphabet + len(SPECIAL_TOKENS)),
         min_frequency=cfg.encoder.vocab_min_frequency,
+        limit_alphabet=alphabet,
         special_tokens=SPECIAL_TOKENS,
         show_progress=False,
     )
     return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, do_lower_case=True, tokenize_chinese_chars=True,
                              model_max_length=cfg.encoder.max_positions)
+
+
+def build_ngram_tables(cfg: Config, tokenizer):
+    """Bigrams of all training text (the encoder's bigram embeddings) and trigrams of the texts of tasks
+    with an n-gram bag (their heads), as token-id keys; None when no part of the model uses them."""
+    from tasks_mtl.ngrams import NgramTables
+
+    bag_tasks = [n for n, t in cfg.tasks.items() if t.ngram_bag]
+    if not (cfg.encoder.use_bigrams() or bag_tasks):
+        return None
+    encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []  # noqa: E731
+    vocab, least = len(tokenizer), cfg.encoder.ngram_min_count
+    bigrams = NgramTables.build(encode(training_texts(cfg)), vocab, least, orders=(2,))
+    trigrams = NgramTables.build(encode(training_texts(cfg, bag_tasks)), vocab, least, orders=(3,))
+    return NgramTables(vocab, {2: bigrams.keys2, 3: trigrams.keys3})
 
 
 def load_tokenizer(path: Path):
@@ -105,6 +125,9 @@ def tokenize(cfg: Config, splits: tuple[str, ...] = ("train",)) -> Path:
         shutil.rmtree(out)
     tokenizer = build_tokenizer(cfg)
     tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    tables = build_ngram_tables(cfg, tokenizer)
+    if tables is not None:
+        tables.save(out)
     counts: dict[str, dict[str, int]] = {}
     for name, task_cfg in cfg.tasks.items():
         task = build_task(name, task_cfg)

@@ -24,7 +24,7 @@ import torch
 
 from tasks_mtl.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from tasks_mtl.config import Config, StageConfig
-from tasks_mtl.model import MultiTaskModel, new_encoder
+from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
 from tasks_mtl.weighting import build_weighting
 
@@ -35,6 +35,20 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.training.device != "auto":
         return torch.device(cfg.training.device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively here (avx512_bf16 or AMX on a CPU; a bf16-capable GPU).
+    Without them a CPU emulates bf16 hundreds of times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.training.bf16 if cfg.training.bf16 is not None else bf16_fast(device)
 
 
 def stage_dir(cfg: Config, index: int) -> Path:
@@ -61,13 +75,14 @@ def is_done(cfg: Config, index: int) -> bool:
     return marker.exists() and json.loads(marker.read_text()).get("key") == stage_key(cfg, index)
 
 
-class TaskData:
-    """A task's tokenized train split, its collator and its endless, resumable batch order."""
+class StreamData:
+    """The train features of one stream (a task, or co-labelled tasks sharing texts), its collator and its
+    endless, resumable batch order."""
 
-    def __init__(self, task, features: list[dict], tokenizer, batch_size: int, seed: int):
-        self.features = features
-        self.collate = task.collator(tokenizer)
-        self.order = BatchOrder([len(f["input_ids"]) for f in features], batch_size, seed)
+    def __init__(self, tasks: list[str], features: list[dict], collate, cfg: Config, seed: int):
+        self.tasks, self.features, self.collate = tasks, features, collate
+        self.order = BatchOrder([len(f["input_ids"]) for f in features], cfg.training.batch_size, seed,
+                                max_tokens=cfg.training.batch_tokens)
 
     def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         rows = [dict(self.features[i]) for i in self.order.next()]
@@ -84,10 +99,12 @@ def load_features(cfg: Config, task: str, split: str = "train") -> list[dict]:
 
 
 def stage_steps(cfg: Config, stage: StageConfig, sizes: dict[str, int]) -> int:
+    """Optimizer steps of a stage: given, or `epochs` over the largest task at `batch_size` rows per batch
+    (with a token budget, rows per batch are estimated at batch_tokens / 48, a People's Daily sentence)."""
     if stage.steps is not None:
         return stage.steps
-    per_step = cfg.training.batch_size * cfg.training.grad_accum
-    return max(1, math.ceil(stage.epochs * max(sizes.values()) / per_step))
+    rows = cfg.training.batch_size if cfg.training.batch_tokens is None else max(1, cfg.training.batch_tokens // 48)
+    return max(1, math.ceil(stage.epochs * max(sizes.values()) / (rows * cfg.training.grad_accum)))
 
 
 def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
@@ -97,17 +114,93 @@ def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
 
 
 def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float) -> list[dict]:
-    """Encoder parameters by depth (layer-wise LR decay from the top), then heads and soft layers."""
-    groups: dict[tuple[float, float], list] = {}
+    """Encoder parameters by depth (layer-wise LR decay from the top; bigram embeddings sit with the
+    embeddings), then heads and soft layers, with n-gram bags at their own rate. The encoder's groups
+    come first, so group 0 carries the encoder's top learning rate when the encoder trains."""
+    groups: dict[tuple[str, float, float], list] = {}
+
+    def add(kind: str, lr: float, p: torch.nn.Parameter) -> None:
+        if p.requires_grad:
+            decay = 0.0 if p.ndim == 1 else weight_decay  # no decay on biases and LayerNorm
+            groups.setdefault((kind, lr, decay), []).append(p)
+
     for name, p in model.bert.named_parameters():
-        if not p.requires_grad:
+        add("encoder", stage.encoder_lr * stage.layer_decay ** (model.depth - model.encoder_layer_of(name)), p)
+    if model.bigrams is not None:
+        for p in model.bigrams.parameters():
+            add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
+    for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
+        add("heads", stage.ngram_lr if ".bag." in f".{name}" else stage.head_lr, p)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "encoder", -item[0][1]))
+    return [{"params": ps, "lr": lr, "weight_decay": wd, "name": kind} for (kind, lr, wd), ps in ordered]
+
+
+def co_labelled_groups(cfg: Config, tasks: list[str], features: dict[str, list[dict]]) -> list[list[str]]:
+    """Streams of a stage: token tasks whose train texts coincide (most windows of the smaller task occur
+    in the other) form one stream, trained from one forward pass; every other task is its own stream."""
+    streams: list[list[str]] = []
+    seen: dict[str, set] = {}
+    for task in tasks:
+        if not cfg.training.co_label or cfg.tasks[task].type != "token_classification":
+            streams.append([task])
             continue
-        lr = stage.encoder_lr * stage.layer_decay ** (model.depth - model.encoder_layer_of(name))
-        decay = 0.0 if p.ndim == 1 else weight_decay  # no decay on biases and LayerNorm
-        groups.setdefault((lr, decay), []).append(p)
-    for p in model.private_parameters():
-        groups.setdefault((stage.head_lr, 0.0 if p.ndim == 1 else weight_decay), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        seen[task] = {tuple(f["input_ids"]) for f in features[task]}
+        for stream in streams:
+            first = stream[0]
+            if first in seen and len(seen[first] & seen[task]) >= 0.5 * min(len(seen[first]), len(seen[task])):
+                stream.append(task)
+                break
+        else:
+            streams.append([task])
+    return streams
+
+
+def merge_features(tasks: list[str], features: dict[str, list[dict]]) -> list[dict]:
+    """One row per distinct window of the tasks' texts, carrying `labels/<task>` for each task (IGNORE
+    for a task that does not label that text)."""
+    from tasks_mtl.tasks.token_classification import IGNORE
+
+    rows: dict[tuple, dict] = {}
+    for task in tasks:
+        for f in features[task]:
+            key = tuple(f["input_ids"])
+            row = rows.setdefault(key, {k: v for k, v in f.items() if k != "labels"})
+            row.setdefault(f"labels/{task}", f["labels"])
+    for row in rows.values():
+        for task in tasks:
+            row.setdefault(f"labels/{task}", [IGNORE] * len(row["input_ids"]))
+    return list(rows.values())
+
+
+def co_labelled_collator(tokenizer, tasks: list[str]):
+    """Pad the inputs with the tokenizer and every `labels/<task>` column with IGNORE."""
+    from tasks_mtl.tasks.token_classification import IGNORE
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        inputs = [{k: v for k, v in r.items() if not k.startswith("labels/")} for r in rows]
+        batch = dict(tokenizer.pad(inputs, return_tensors="pt"))
+        width = batch["input_ids"].shape[1]
+        for task in tasks:
+            key = f"labels/{task}"
+            batch[key] = torch.tensor([r[key] + [IGNORE] * (width - len(r[key])) for r in rows], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+def stream_data(cfg: Config, model: MultiTaskModel, tokenizer, tasks: list[str], index: int) -> dict[str, StreamData]:
+    """The stage's streams by name ("ner+cws+pos" for co-labelled tasks), each with its data."""
+    features = {t: load_features(cfg, t) for t in tasks}
+    data = {}
+    for i, stream in enumerate(co_labelled_groups(cfg, tasks, features)):
+        seed = cfg.seed + 1000 * index + i
+        if len(stream) == 1:
+            task = stream[0]
+            data[task] = StreamData(stream, features[task], model.task_types[task].collator(tokenizer), cfg, seed)
+        else:
+            data["+".join(stream)] = StreamData(stream, merge_features(stream, features),
+                                                co_labelled_collator(tokenizer, stream), cfg, seed)
+    return data
 
 
 def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
@@ -146,33 +239,35 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             raise RuntimeError(f"stage {index} needs the finished stage before it at {previous}")
         model, tokenizer, _ = load_checkpoint(previous, cfg.tasks, device)
     else:
+        from tasks_mtl.ngrams import NgramTables
         from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
 
-        tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
-        model = MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), cfg.tasks).to(device)
+        tokenized = cfg.path(cfg.data.tokenized_dir)
+        tokenizer = load_tokenizer(tokenized / TOKENIZER_DIR)
+        model = new_model(cfg, tokenizer, NgramTables.load(tokenized)).to(device)
     model.freeze(stage.freeze_layers)
     model.train()
 
     # -- data, sampler, weighting, optimizer ------------------------------------------------------------
     tasks = stage.tasks or list(cfg.tasks)
-    data = {t: TaskData(model.task_types[t], load_features(cfg, t), tokenizer, cfg.training.batch_size,
-                        seed=cfg.seed + 1000 * index + i) for i, t in enumerate(tasks)}
-    sizes = {t: len(d.features) for t, d in data.items()}
+    data = stream_data(cfg, model, tokenizer, tasks, index)
+    sizes = {name: len(d.features) for name, d in data.items()}
     total = stage_steps(cfg, stage, sizes)
     weighting = build_weighting(stage.weighting, tasks, **stage.weighting_args).to(device)
     if weighting.requires_all_tasks:
-        sampler = AllTasks(tasks, sizes, total, cfg.seed)
+        sampler = AllTasks(list(data), sizes, total, cfg.seed)
     else:
-        sampler = build_sampler(stage.sampler, tasks, sizes, total, cfg.seed + index, **stage.sampler_args)
+        sampler = build_sampler(stage.sampler, list(data), sizes, total, cfg.seed + index, **stage.sampler_args)
     shared = model.shared_parameters()
     private = model.private_parameters() + [p for p in weighting.parameters() if p.requires_grad]
     groups = param_groups(model, stage, cfg.training.weight_decay)
     if any(p.requires_grad for p in weighting.parameters()):
         groups.append({"params": [p for p in weighting.parameters() if p.requires_grad], "lr": stage.head_lr,
-                       "weight_decay": 0.0})
+                       "weight_decay": 0.0, "name": "weighting"})
     optimizer = torch.optim.AdamW(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, stage.warmup))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.training.bf16 else nullcontext()
+    bf16 = use_bf16(cfg, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     step = 0
     if resume_dir.exists():
@@ -198,13 +293,14 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         weights: dict[str, float] = {}
         for _ in range(cfg.training.grad_accum):
             losses = {}
-            for task in sampler.next():
-                batch = data[task].next_batch(device)
+            for stream in sampler.next():
+                batch = data[stream].next_batch(device)
                 tokens += int(batch["attention_mask"].sum())
                 with autocast:
-                    loss, _ = model(task, batch)
-                losses[task] = loss / cfg.training.grad_accum
-                window.setdefault(task, []).append(loss.item())
+                    outputs = model.forward_tasks(data[stream].tasks, batch)
+                for task, (loss, _) in outputs.items():
+                    losses[task] = loss / cfg.training.grad_accum
+                    window.setdefault(task, []).append(loss.item())
             weights.update(weighting.backward(losses, shared, private))
         if cfg.training.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(shared + private, cfg.training.clip_norm)
@@ -218,6 +314,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             metrics = {f"loss/{t}": float(np.mean(v)) for t, v in window.items()}
             metrics |= {f"weight/{t}": w for t, w in weights.items()}
             metrics |= {"lr/encoder": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - started)}
+            metrics["bf16"] = float(bf16)
             _append_log(log_file, offset + step, stage.name, metrics)
             if log:
                 log(metrics, offset + step)

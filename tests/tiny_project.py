@@ -60,7 +60,8 @@ def make_tiny_project(root: Path, extra_params: dict | None = None):
                     "vocab_min_frequency": 1, "max_length": 32, "max_positions": 64},
         "training": {
             "batch_size": 8, "log_every": 2, "save_every": 0, "device": "cpu",
-            "stages": [
+            "stages": [  # an MLM pretraining stage first: freezing protects pretrained weights only
+                {"name": "pretrain", "tasks": ["mlm"], "steps": 3, "encoder_lr": 1e-3, "head_lr": 3e-3},
                 {"name": "warmup", "freeze_layers": "all", "steps": 4, "head_lr": 5e-3, "warmup": 0.0},
                 {"name": "joint", "freeze_layers": 1, "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3,
                  "weighting": "uncertainty", "sampler": "temperature"},

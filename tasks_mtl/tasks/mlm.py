@@ -40,8 +40,11 @@ class MaskedLMTask:
 
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=MASK_PROBABILITY, seed=seed, return_tensors="pt")
 
-    def build_head(self, hidden: int, word_embeddings: nn.Embedding) -> nn.Module:
+    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams=None) -> nn.Module:
         return MaskedLMHead(hidden, word_embeddings)
+
+    def logits(self, head: MaskedLMHead, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:
+        return head(hidden_states)  # (B, T, V)
 
     def loss(self, head: MaskedLMHead, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]  # (B, T), -100 where not masked

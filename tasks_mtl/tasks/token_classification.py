@@ -76,12 +76,17 @@ class TokenClassificationTask:
 
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
 
-    def build_head(self, hidden: int, word_embeddings: nn.Embedding) -> nn.Module:
+    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams=None) -> nn.Module:
         return TokenHead(hidden, len(self.labels), self.cfg.crf)
+
+    def logits(self, head: TokenHead, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:
+        return head(hidden_states)  # (B, T, C)
 
     def loss(self, head: TokenHead, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         emissions = head(hidden_states).float()  # (B, T, C)
         labels = batch["labels"]  # (B, T)
+        if not bool((labels != IGNORE).any()):  # no tagged token (e.g. a window of specials only)
+            return emissions.sum() * 0.0, emissions
         if head.crf is None:
             loss = nn.functional.cross_entropy(emissions.transpose(1, 2), labels, ignore_index=IGNORE)
             return loss, emissions

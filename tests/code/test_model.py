@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks_mtl.model import MultiTaskModel, new_encoder
+from tasks_mtl.model import MultiTaskModel, new_encoder, new_model
+from tasks_mtl.ngrams import NgramTables
 from tasks_mtl.sampling import SAMPLERS, BatchOrder, build_sampler
 from tasks_mtl.tasks import TASK_TYPES
 from tasks_mtl.tasks.token_classification import IGNORE, first_piece_labels
-from tasks_mtl.train import TaskData, load_features
+from tasks_mtl.train import StreamData, load_features
 from tasks_mtl.weighting import WEIGHTINGS, build_weighting
 
 
@@ -19,12 +20,15 @@ def _model(cfg, tasks=None) -> tuple[MultiTaskModel, object]:
 
     tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
     torch.manual_seed(0)
-    model = MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), tasks or cfg.tasks)
+    if tasks is None:
+        return new_model(cfg, tokenizer, NgramTables.load(cfg.path(cfg.data.tokenized_dir))), tokenizer
+    model = MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), tasks)
     return model, tokenizer
 
 
 def _batch(cfg, model, tokenizer, task: str, size: int = 8) -> dict:
-    data = TaskData(model.task_types[task], load_features(cfg, task), tokenizer, size, seed=0)
+    cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": size})})
+    data = StreamData([task], load_features(cfg, task), model.task_types[task].collator(tokenizer), cfg, seed=0)
     return data.next_batch(torch.device("cpu"))
 
 

@@ -90,7 +90,7 @@ def test_gated_registration_and_tokenize_cache(mlflow_cfg, fakes):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.metrics["test.sentiment.accuracy"] == 0.8 and parent.data.tags["gate"] == "promote"
     stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["stage"] for r in stages) == ["full", "joint", "warmup"]
+    assert sorted(r.data.tags["stage"] for r in stages) == ["full", "joint", "pretrain", "warmup"]
 
     cfg.gates.thresholds = {"sentiment": {"accuracy": 0.99}}  # same data and model settings, stricter gate
     second = run_local(cfg)

@@ -22,8 +22,9 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 def test_frozen_parameters_stay_bit_identical(tiny_cfg):
     tokenize(tiny_cfg)
-    warm = load_checkpoint(train_stage(tiny_cfg, 0), tiny_cfg.tasks)[0]  # stage 1: whole encoder frozen
-    joint = load_checkpoint(train_stage(tiny_cfg, 1), tiny_cfg.tasks)[0]  # stage 2: embeddings + layer 0 frozen
+    train_stage(tiny_cfg, 0)  # MLM pretraining
+    warm = load_checkpoint(train_stage(tiny_cfg, 1), tiny_cfg.tasks)[0]  # whole encoder frozen
+    joint = load_checkpoint(train_stage(tiny_cfg, 2), tiny_cfg.tasks)[0]  # embeddings + layer 0 frozen
     before, after = _weights(warm), _weights(joint)
     frozen = [k for k in before if k.startswith(("bert.embeddings.", "bert.encoder.layer.0."))]
     trained = [k for k in before if k.startswith("bert.encoder.layer.1.") or k.startswith("heads.")]
@@ -34,18 +35,30 @@ def test_frozen_parameters_stay_bit_identical(tiny_cfg):
     assert any(k.startswith("bert.encoder.layer.1.") for k in moved)
 
 
-def test_stage_one_trains_heads_only(tiny_cfg):
+def test_warmup_after_pretraining_trains_heads_only(tiny_cfg):
     tokenize(tiny_cfg)
-    from tasks_mtl.model import MultiTaskModel, new_encoder
-    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
-
-    tokenizer = load_tokenizer(tiny_cfg.path(tiny_cfg.data.tokenized_dir) / TOKENIZER_DIR)
-    torch.manual_seed(tiny_cfg.seed)  # train_stage seeds the same way before building the fresh encoder
-    fresh = MultiTaskModel(new_encoder(tiny_cfg, len(tokenizer), tokenizer.pad_token_id), tiny_cfg.tasks)
-    warm = load_checkpoint(train_stage(tiny_cfg, 0), tiny_cfg.tasks)[0]
-    a, b = _weights(fresh), _weights(warm)
+    pretrained = load_checkpoint(train_stage(tiny_cfg, 0), tiny_cfg.tasks)[0]  # MLM-only stage
+    warm = load_checkpoint(train_stage(tiny_cfg, 1), tiny_cfg.tasks)[0]  # freeze_layers: all
+    a, b = _weights(pretrained), _weights(warm)
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("bert."))
     assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("heads."))
+
+
+def test_freezing_a_randomly_initialised_encoder_is_refused(tmp_path):
+    from tiny_project import make_tiny_project
+
+    stages = [{"name": "warmup", "freeze_layers": "all", "steps": 2}]
+    with pytest.raises(ValueError, match="freezing protects pretrained weights only"):
+        make_tiny_project(tmp_path, {"training": {"stages": stages}})
+
+
+def test_default_stages_fit_the_encoder():
+    from tasks_mtl.config import load_config
+
+    scratch = load_config(None)
+    assert [s.freeze_layers for s in scratch.training.stages] == ["none"] * len(scratch.training.stages)
+    pretrained = load_config(None, overrides={"encoder.pretrained": "/some/bert"})
+    assert [s.freeze_layers for s in pretrained.training.stages] == ["all", 1, "none"]
 
 
 def test_finished_stage_is_not_rerun(tiny_cfg):

@@ -1,0 +1,136 @@
+"""Character n-gram signal over token ids: the features the classical peers (CRF windows, TF-IDF
+char n-grams) live on, given to the neural model.
+
+An n-gram is keyed by the token ids it spans (`key = ((a * V) + b) * V + c`), so it needs no text at
+run time and works with any vocabulary, the corpus one or a pretrained BERT's. The tables hold the
+sorted keys of the n-grams seen at least `min_count` times in the training text; a lookup is a
+`searchsorted`, on the model's device, and an unseen n-gram gets index 0.
+
+- `BigramEmbedding`: each position gets the embeddings of its left and right bigram, concatenated
+  and projected to the hidden size, added to the token embedding (zero-initialised projection on
+  a pretrained BERT, so training starts from the checkpoint's function).
+- `NgramBag`: the mean embedding of a text's char 1..3-grams (a fastText-style bag), for sentence heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ORDERS = (2, 3)
+FILE = "ngrams.safetensors"
+
+
+def ngram_keys(ids: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) keys of the n-gram that *ends* at each position (-1 where it would
+    start before the sequence)."""
+    keys = ids.long()
+    for shift in range(1, n):
+        before = torch.nn.functional.pad(ids.long(), (shift, 0), value=-1)[:, : ids.shape[1]]  # ids[t - shift]
+        keys = torch.where(before >= 0, before * vocab ** shift + keys, torch.full_like(keys, -1))
+    return keys
+
+
+class NgramTables(nn.Module):
+    """Sorted keys of the known n-grams of each order (buffers, not trained)."""
+
+    def __init__(self, vocab: int, keys: dict[int, torch.Tensor]):
+        super().__init__()
+        self.vocab = vocab
+        self.orders = sorted(keys)
+        for n, k in keys.items():
+            self.register_buffer(f"keys{n}", k.long(), persistent=False)
+
+    def size(self, n: int) -> int:
+        """Rows an embedding over this order needs (index 0 = unknown)."""
+        return int(getattr(self, f"keys{n}").numel()) + 1
+
+    def lookup(self, ids: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T) ids -> (B, T) index of the n-gram ending at each position, 0 when unknown."""
+        table = getattr(self, f"keys{n}")
+        keys = ngram_keys(ids, n, self.vocab)
+        if table.numel() == 0:
+            return torch.zeros_like(keys)
+        pos = torch.searchsorted(table, keys).clamp(max=table.numel() - 1)
+        return torch.where(table[pos] == keys, pos + 1, torch.zeros_like(pos))
+
+    @classmethod
+    def build(cls, sequences: list[list[int]], vocab: int, min_count: int,
+              orders: tuple[int, ...] = ORDERS) -> "NgramTables":
+        """Tables of the n-grams seen at least `min_count` times in `sequences` (other orders: empty)."""
+        keys = {n: torch.zeros(0, dtype=torch.long) for n in ORDERS}
+        for n in orders:
+            parts = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= n]
+            if not parts:
+                continue
+            grams = []
+            for s in parts:  # vectorised per sequence: windows of n ids -> one key
+                key = s[: len(s) - n + 1].copy()
+                for shift in range(1, n):
+                    key = key * vocab + s[shift: len(s) - n + 1 + shift]
+                grams.append(key)
+            unique, counts = np.unique(np.concatenate(grams), return_counts=True)
+            keys[n] = torch.from_numpy(unique[counts >= min_count])
+        return cls(vocab, keys)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"keys{n}": getattr(self, f"keys{n}").cpu().contiguous() for n in self.orders}
+        save_file(tensors, str(Path(directory) / FILE), metadata={"vocab": str(self.vocab)})
+
+    @classmethod
+    def load(cls, directory: Path) -> "NgramTables | None":
+        from safetensors import safe_open
+
+        path = Path(directory) / FILE
+        if not path.exists():
+            return None
+        with safe_open(str(path), "pt") as fh:
+            vocab = int(fh.metadata()["vocab"])
+            keys = {int(name[4:]): fh.get_tensor(name) for name in fh.keys()}
+        return cls(vocab, keys)
+
+
+class BigramEmbedding(nn.Module):
+    """Left and right bigram embeddings of each position -> (B, T, H), added to the token embedding."""
+
+    def __init__(self, tables: NgramTables, dim: int, hidden: int, zero_init: bool):
+        super().__init__()
+        self.tables = [tables]  # a list: the tables belong to the model, not to this module
+        self.embed = nn.Embedding(tables.size(2), dim, padding_idx=0)
+        self.project = nn.Linear(2 * dim, hidden)
+        if zero_init:
+            nn.init.zeros_(self.project.weight)
+            nn.init.zeros_(self.project.bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, H)
+        left = self.tables[0].lookup(ids, 2)  # bigram (t-1, t)
+        right = torch.nn.functional.pad(left[:, 1:], (0, 1))  # bigram (t, t+1) ends at t+1
+        return self.project(torch.cat([self.embed(left), self.embed(right)], dim=-1))
+
+
+class NgramBag(nn.Module):
+    """Mean of the char 1-, 2- and 3-gram embeddings of each text: (B, T) ids -> (B, dim)."""
+
+    def __init__(self, tables: NgramTables, vocab: int, dim: int, dropout: float = 0.3):
+        super().__init__()
+        self.tables = [tables]
+        self.unigrams = nn.Embedding(vocab, dim)
+        self.grams = nn.ModuleDict({str(n): nn.Embedding(tables.size(n), dim, padding_idx=0) for n in ORDERS})
+        self.dropout = nn.Dropout(dropout)
+        for emb in [self.unigrams, *self.grams.values()]:
+            nn.init.normal_(emb.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.bool()  # (B, T): real tokens, specials included (their n-grams mark the text's edges)
+        total = self.unigrams(ids) * mask[..., None]  # (B, T, D)
+        count = mask.sum(1, keepdim=True).float()  # (B, 1)
+        for n, emb in self.grams.items():
+            index = self.tables[0].lookup(ids, int(n)) * mask  # 0 (unknown, padded) contributes nothing
+            total = total + emb(index)
+            count = count + (index > 0).sum(1, keepdim=True)
+        return self.dropout(total.sum(1) / count.clamp(min=1))  # (B, D)
