@@ -140,9 +140,10 @@ class StageConfig(Strict):
 
 def scratch_stages() -> list[StageConfig]:
     """An encoder from random init: every layer trains from the first step (nothing to protect), one
-    stage with all tasks. Sized for ~22 minutes of a 30-minute `make run` on 2 CPU cores (bf16)."""
+    stage with all tasks. Sized for ~21 minutes of a 30-minute `make run` on 2 CPU cores in fp32
+    (~0.52 s per step of ~2,000 tokens, 3.8k tokens/s)."""
     return [
-        StageConfig(name="joint", freeze_layers="none", steps=3000, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
+        StageConfig(name="joint", freeze_layers="none", steps=2400, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
                     sampler="fixed", sampler_args={"weights": DEFAULT_TASK_SHARES}),
     ]
 
@@ -161,7 +162,7 @@ def pretrained_stages() -> list[StageConfig]:
 
 # Share of the steps per task (a co-labelled group draws the sum of its tasks' shares): the token tasks
 # ride on one forward pass, sentiment needs epochs of its own, nsp and mlm are auxiliary.
-DEFAULT_TASK_SHARES = {"ner": 0.2, "cws": 0.15, "pos": 0.15, "sentiment": 0.3, "nsp": 0.1, "mlm": 0.1}
+DEFAULT_TASK_SHARES = {"ner": 0.3, "cws": 0.15, "pos": 0.15, "sentiment": 0.3, "nsp": 0.05, "mlm": 0.05}
 
 
 class TrainingConfig(Strict):
@@ -182,16 +183,17 @@ class TrainingConfig(Strict):
 
 
 class GatesConfig(Strict):
-    # task -> metric -> minimum value on the test split. Floors for the default small BERT trained
-    # from scratch (measured: sentiment accuracy 0.66, ner f1 0.20, cws f1 0.57, pos accuracy 0.56,
-    # nsp accuracy 0.51 = chance, mlm accuracy 0.10): they catch a broken model, not a mediocre one.
+    # task -> metric -> minimum value on the test split. The default model must beat what users already
+    # have: the classical peers on the same split (benchmarks/peers.py; FINDINGS: TF-IDF+LR sentiment
+    # 0.860, char CRF ner F1 0.955, cws F1 0.967, pos tag accuracy 0.9355) minus a margin of 0.01.
+    # nsp and mlm have no peer: their floors sit well above chance. Never lowered to pass a model.
     thresholds: dict[str, dict[str, float]] = Field(default_factory=lambda: {
-        "sentiment": {"accuracy": 0.6},
-        "ner": {"f1": 0.1},
-        "cws": {"f1": 0.5},
-        "pos": {"accuracy": 0.45},
-        "nsp": {"accuracy": 0.45},
-        "mlm": {"accuracy": 0.05},
+        "sentiment": {"accuracy": 0.85},
+        "ner": {"f1": 0.945},
+        "cws": {"f1": 0.957},
+        "pos": {"accuracy": 0.9255},
+        "nsp": {"accuracy": 0.6},
+        "mlm": {"accuracy": 0.2},
     })
     tolerance: dict[str, float] = Field(default_factory=lambda: {"default": 0.01})  # metric -> allowed drop
     lower_is_better: list[str] = Field(default_factory=lambda: ["perplexity", "loss"])
@@ -287,7 +289,9 @@ def load_config(
     if chosen != "default" and chosen not in profiles:
         raise ValueError(f"unknown profile {chosen!r}; params.yaml defines {sorted(profiles) or 'none'}")
     merged = deep_merge(raw, profiles.get(chosen, {}) or {})
-    merged = deep_merge(merged, _dotted(overrides or {}))
+    overrides = dict(overrides or {})
+    indexed = {k: overrides.pop(k) for k in list(overrides) if any(part.isdigit() for part in k.split("."))}
+    merged = deep_merge(merged, _dotted(overrides))
 
     base = Config().model_dump(mode="python")
     base["training"]["stages"] = None  # resolved after the merge, by whether the encoder is pretrained
@@ -307,5 +311,31 @@ def load_config(
     full = deep_merge(base, merged)
     if "root" in merged:
         full["root"] = root / merged["root"]
+    if indexed:  # keys into lists (`training.stages.1.weighting=pcgrad`) edit the resolved stage list
+        if full["training"].get("stages") is None:
+            pretrained = (full.get("encoder") or {}).get("pretrained")
+            full["training"]["stages"] = [s.model_dump() for s in (pretrained_stages() if pretrained
+                                                                   else scratch_stages())]
+        for dotted_key, value in indexed.items():
+            _set_path(full, dotted_key, value)
     cfg = Config.model_validate(full)
     return cfg
+
+
+def _set_path(tree: dict, dotted_key: str, value: Any) -> None:
+    """Set `a.0.b` in nested dicts and lists; a list index must exist."""
+    *parents, leaf = dotted_key.split(".")
+    node: Any = tree
+    for part in parents:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {dotted_key!r}: no item {part} in a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        if not leaf.isdigit() or int(leaf) >= len(node):
+            raise ValueError(f"override {dotted_key!r}: no item {leaf} in a list of {len(node)}")
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value

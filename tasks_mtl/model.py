@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks_mtl.config import Config, TaskConfig
-from tasks_mtl.ngrams import BigramEmbedding, NgramTables
+from tasks_mtl.ngrams import BigramEmbedding, NgramTables, sparse_parameters
 from tasks_mtl.tasks import build_task
 
 
@@ -155,13 +155,16 @@ class MultiTaskModel(nn.Module):
         return out
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        """Encoder parameters that train (what gradient-surgery methods operate on)."""
+        """Dense encoder parameters that train (what gradient-surgery methods operate on)."""
+        sparse = {id(p) for p in sparse_parameters(self)}
         extra = list(self.bigrams.parameters()) if self.bigrams is not None else []
-        return [p for p in [*self.bert.parameters(), *extra] if p.requires_grad]
+        return [p for p in [*self.bert.parameters(), *extra] if p.requires_grad and id(p) not in sparse]
 
     def private_parameters(self) -> list[nn.Parameter]:
-        """Task-specific parameters that train: heads and soft-sharing layers."""
-        return [p for p in [*self.heads.parameters(), *self.private.parameters()] if p.requires_grad]
+        """Parameters that take the weighted sum of the task gradients: heads, soft-sharing layers, and the
+        sparse n-gram tables (too large to flatten into per-task gradient rows)."""
+        extra = sparse_parameters(self.bigrams) if self.bigrams is not None else []
+        return [p for p in [*self.heads.parameters(), *self.private.parameters(), *extra] if p.requires_grad]
 
     def freeze(self, freeze_layers: int | str) -> None:
         """Freeze the whole encoder ("all"), nothing ("none"), or the embeddings and the bottom k layers."""

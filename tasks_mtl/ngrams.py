@@ -10,6 +10,10 @@ sorted keys of the n-grams seen at least `min_count` times in the training text;
   and projected to the hidden size, added to the token embedding (zero-initialised projection on
   a pretrained BERT, so training starts from the checkpoint's function).
 - `NgramBag`: the mean embedding of a text's char 1..3-grams (a fastText-style bag), for sentence heads.
+
+The tables are large (10^5 rows) and a batch touches a few thousand rows, so their embeddings are
+sparse: `sparse_parameters()` lists them for a sparse optimizer; a dense AdamW step over them would
+cost more than the encoder's forward pass.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ class BigramEmbedding(nn.Module):
     def __init__(self, tables: NgramTables, dim: int, hidden: int, zero_init: bool):
         super().__init__()
         self.tables = [tables]  # a list: the tables belong to the model, not to this module
-        self.embed = nn.Embedding(tables.size(2), dim, padding_idx=0)
+        self.embed = nn.Embedding(tables.size(2), dim, padding_idx=0, sparse=True)  # rows touched per step only
         self.project = nn.Linear(2 * dim, hidden)
         if zero_init:
             nn.init.zeros_(self.project.weight)
@@ -119,8 +123,9 @@ class NgramBag(nn.Module):
     def __init__(self, tables: NgramTables, vocab: int, dim: int, dropout: float = 0.3):
         super().__init__()
         self.tables = [tables]
-        self.unigrams = nn.Embedding(vocab, dim)
-        self.grams = nn.ModuleDict({str(n): nn.Embedding(tables.size(n), dim, padding_idx=0) for n in ORDERS})
+        self.unigrams = nn.Embedding(vocab, dim, sparse=True)
+        self.grams = nn.ModuleDict({str(n): nn.Embedding(tables.size(n), dim, padding_idx=0, sparse=True)
+                                    for n in ORDERS})
         self.dropout = nn.Dropout(dropout)
         for emb in [self.unigrams, *self.grams.values()]:
             nn.init.normal_(emb.weight, std=0.02)
@@ -134,3 +139,8 @@ class NgramBag(nn.Module):
             total = total + emb(index)
             count = count + (index > 0).sum(1, keepdim=True)
         return self.dropout(total.sum(1) / count.clamp(min=1))  # (B, D)
+
+
+def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Weights of the sparse embeddings inside `module` (they need a sparse optimizer, no clipping)."""
+    return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse]

@@ -25,6 +25,7 @@ import torch
 from tasks_mtl.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
 from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
+from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
 from tasks_mtl.weighting import build_weighting
 
@@ -118,10 +119,14 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
     embeddings), then heads and soft layers, with n-gram bags at their own rate. The encoder's groups
     come first, so group 0 carries the encoder's top learning rate when the encoder trains."""
     groups: dict[tuple[str, float, float], list] = {}
+    sparse = {id(p) for p in sparse_parameters(model)}
 
     def add(kind: str, lr: float, p: torch.nn.Parameter) -> None:
         if p.requires_grad:
-            decay = 0.0 if p.ndim == 1 else weight_decay  # no decay on biases and LayerNorm
+            if id(p) in sparse:
+                kind, decay = "sparse", 0.0  # SparseAdam: no weight decay
+            else:
+                decay = 0.0 if p.ndim == 1 else weight_decay  # no decay on biases and LayerNorm
             groups.setdefault((kind, lr, decay), []).append(p)
 
     for name, p in model.bert.named_parameters():
@@ -131,8 +136,16 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
             add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
     for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
         add("heads", stage.ngram_lr if ".bag." in f".{name}" else stage.head_lr, p)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "encoder", -item[0][1]))
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "encoder", item[0][0], -item[0][1]))
     return [{"params": ps, "lr": lr, "weight_decay": wd, "name": kind} for (kind, lr, wd), ps in ordered]
+
+
+def make_optimizers(groups: list[dict]) -> list[torch.optim.Optimizer]:
+    """AdamW for the dense groups, plus SparseAdam for the n-gram tables (only the rows a batch touches move)."""
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW([g for g in groups if g["name"] != "sparse"])]
+    if any(g["name"] == "sparse" for g in groups):
+        optimizers.append(torch.optim.SparseAdam([g for g in groups if g["name"] == "sparse"]))
+    return optimizers
 
 
 def co_labelled_groups(cfg: Config, tasks: list[str], features: dict[str, list[dict]]) -> list[list[str]]:
@@ -264,8 +277,10 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     if any(p.requires_grad for p in weighting.parameters()):
         groups.append({"params": [p for p in weighting.parameters() if p.requires_grad], "lr": stage.head_lr,
                        "weight_decay": 0.0, "name": "weighting"})
-    optimizer = torch.optim.AdamW(groups)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total, stage.warmup))
+    optimizers = make_optimizers(groups)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, linear_schedule(total, stage.warmup)) for o in optimizers]
+    sparse_ids = {id(p) for p in sparse_parameters(model)}
+    clipped = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
     bf16 = use_bf16(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
@@ -273,8 +288,10 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     if resume_dir.exists():
         state = load_state(resume_dir)
         step = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for optimizer, saved in zip(optimizers, state["optimizer"]):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(schedulers, state["scheduler"]):
+            scheduler.load_state_dict(saved)
         sampler.load_state_dict(state["sampler"])
         weighting.load_state_dict(state["weighting"])
         for t, order in state["batches"].items():
@@ -302,18 +319,20 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                     losses[task] = loss / cfg.training.grad_accum
                     window.setdefault(task, []).append(loss.item())
             weights.update(weighting.backward(losses, shared, private))
-        if cfg.training.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(shared + private, cfg.training.clip_norm)
-        optimizer.step()
-        scheduler.step()
+        if cfg.training.clip_norm > 0:  # the model's dense parameters: not the weighting's, not sparse tables
+            torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()
+            scheduler.step()
         weighting.after_step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         step += 1
 
         if step % cfg.training.log_every == 0 or step == total:
             metrics = {f"loss/{t}": float(np.mean(v)) for t, v in window.items()}
             metrics |= {f"weight/{t}": w for t, w in weights.items()}
-            metrics |= {"lr/encoder": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - started)}
+            metrics |= {"lr/encoder": schedulers[0].get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - started)}
             metrics["bf16"] = float(bf16)
             _append_log(log_file, offset + step, stage.name, metrics)
             if log:
@@ -322,7 +341,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
             save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length)
             save_state({
-                "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "optimizer": [o.state_dict() for o in optimizers],
+                "scheduler": [s.state_dict() for s in schedulers],
                 "sampler": sampler.state_dict(), "weighting": weighting.state_dict(),
                 "batches": {t: d.order.state_dict() for t, d in data.items()}, "rng": torch.get_rng_state(),
             }, resume_dir)

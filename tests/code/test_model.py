@@ -11,7 +11,8 @@ from tasks_mtl.ngrams import NgramTables
 from tasks_mtl.sampling import SAMPLERS, BatchOrder, build_sampler
 from tasks_mtl.tasks import TASK_TYPES
 from tasks_mtl.tasks.token_classification import IGNORE, first_piece_labels
-from tasks_mtl.train import StreamData, load_features
+from tasks_mtl.config import StageConfig
+from tasks_mtl.train import StreamData, load_features, make_optimizers, param_groups
 from tasks_mtl.weighting import WEIGHTINGS, build_weighting
 
 
@@ -60,14 +61,17 @@ def test_each_task_type_overfits_a_tiny_batch(tiny_tokenized, task_type):
     model, tokenizer = _model(cfg)
     model.eval()  # no dropout: the same batch must become memorised
     batch = _batch(cfg, model, tokenizer, task, size=4)  # masking for MLM is drawn once, then fixed
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    stage = StageConfig(name="t", steps=1, encoder_lr=3e-3, head_lr=3e-3, ngram_lr=3e-3)
+    optimizers = make_optimizers(param_groups(model, stage, weight_decay=0.0))
     first = None
     for _ in range(150):
         loss, _ = model(task, batch)
         first = first if first is not None else loss.item()
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
     assert float(loss) < 0.05 < first
 
 
