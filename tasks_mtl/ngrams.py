@@ -127,8 +127,11 @@ class NgramBag(nn.Module):
         self.grams = nn.ModuleDict({str(n): nn.Embedding(tables.size(n), dim, padding_idx=0, sparse=True)
                                     for n in ORDERS})
         self.dropout = nn.Dropout(dropout)
-        for emb in [self.unigrams, *self.grams.values()]:
-            nn.init.normal_(emb.weight, std=0.02)
+        with torch.no_grad():
+            for emb in [self.unigrams, *self.grams.values()]:
+                nn.init.normal_(emb.weight, std=0.02)
+            for emb in self.grams.values():
+                emb.weight[0].zero_()  # the "unknown" row adds nothing (and padding_idx keeps it at zero)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         mask = mask.bool()  # (B, T): real tokens, specials included (their n-grams mark the text's edges)

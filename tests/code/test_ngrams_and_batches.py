@@ -1,0 +1,146 @@
+"""N-gram tables and embeddings, token-budget batches, co-labelled streams and the fixed-share sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tasks_mtl.ngrams import BigramEmbedding, NgramBag, NgramTables, ngram_keys
+from tasks_mtl.sampling import BatchOrder, build_sampler, length_batches
+from tasks_mtl.train import co_labelled_collator, co_labelled_groups, merge_features
+
+IGNORE = -100
+
+
+def test_ngram_keys_end_at_each_position():
+    ids = torch.tensor([[1, 2, 3]])
+    assert ngram_keys(ids, 2, 10).tolist() == [[-1, 12, 23]]
+    assert ngram_keys(ids, 3, 10).tolist() == [[-1, -1, 123]]
+
+
+def test_tables_keep_ngrams_seen_often_enough_and_look_them_up():
+    tables = NgramTables.build([[1, 2, 3], [1, 2, 4], [5, 6, 7]], vocab=10, min_count=2)
+    assert tables.keys2.tolist() == [12]  # only (1, 2) occurs twice
+    assert tables.keys3.numel() == 0
+    found = tables.lookup(torch.tensor([[1, 2, 3], [2, 1, 2]]), 2)
+    assert found.tolist() == [[0, 1, 0], [0, 0, 1]]  # index 0 = unknown, 1 = the first known key
+    once = NgramTables.build([[1, 2, 3]], vocab=10, min_count=1)
+    assert once.lookup(torch.tensor([[1, 2, 3]]), 3).tolist() == [[0, 0, 1]]
+
+
+def test_tables_round_trip_through_a_file(tmp_path):
+    tables = NgramTables.build([[4, 5, 6, 4, 5, 6]], vocab=8, min_count=2)
+    tables.save(tmp_path)
+    again = NgramTables.load(tmp_path)
+    assert again.vocab == 8 and torch.equal(again.keys2, tables.keys2) and torch.equal(again.keys3, tables.keys3)
+    assert NgramTables.load(tmp_path / "missing") is None
+
+
+def test_bigram_embedding_sees_left_and_right_bigram_and_starts_at_zero_on_a_pretrained_encoder():
+    tables = NgramTables.build([[1, 2, 3]] * 2, vocab=10, min_count=2)
+    zero = BigramEmbedding(tables, dim=4, hidden=8, zero_init=True)
+    assert torch.count_nonzero(zero(torch.tensor([[1, 2, 3]]))) == 0
+    emb = BigramEmbedding(tables, dim=4, hidden=8, zero_init=False)
+    with torch.no_grad():
+        out = emb(torch.tensor([[1, 2, 3], [7, 8, 9]]))  # (2, 3, 8)
+    unknown = out[1, 0]  # both bigrams unknown: the projection's bias only
+    assert not torch.allclose(out[0, 1], unknown) and torch.allclose(out[1, 2], unknown)
+
+
+def test_ngram_bag_ignores_padding():
+    tables = NgramTables.build([[1, 2, 3, 4]] * 2, vocab=10, min_count=2)
+    bag = NgramBag(tables, vocab=10, dim=6).eval()
+    short = bag(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 1]]))
+    padded = bag(torch.tensor([[1, 2, 3, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]]))
+    torch.testing.assert_close(short, padded)
+
+
+def test_token_budget_batches_respect_the_budget_and_cover_every_row():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 130, size=500)
+    order = np.argsort(-lengths, kind="stable")
+    batches = length_batches(order, lengths, batch_size=8, max_tokens=512)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    for batch in batches:
+        assert len(batch) * lengths[batch].max() <= 512 or len(batch) == 1
+    assert [len(b) for b in length_batches(order, lengths, batch_size=8)][:3] == [8, 8, 8]
+    epoch = BatchOrder(lengths.tolist(), batch_size=8, seed=1, max_tokens=512)
+    seen = np.concatenate([epoch.next() for _ in range(len(epoch))])
+    assert sorted(seen.tolist()) == list(range(500))
+
+
+def _feature(ids, labels):
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "token_type_ids": [0] * len(ids), "labels": labels}
+
+
+def test_token_tasks_on_the_same_texts_share_one_stream(tiny_cfg):
+    features = {
+        "ner": [_feature([2, 5, 6, 3], [IGNORE, 1, 0, IGNORE]), _feature([2, 7, 3], [IGNORE, 0, IGNORE])],
+        "cws": [_feature([2, 5, 6, 3], [IGNORE, 0, 2, IGNORE]), _feature([2, 7, 3], [IGNORE, 3, IGNORE])],
+        "sentiment": [{"input_ids": [2, 5, 3], "attention_mask": [1, 1, 1], "labels": 1}],
+    }
+    assert co_labelled_groups(tiny_cfg, ["sentiment", "ner", "cws"], features) == [["sentiment"], ["ner", "cws"]]
+    off = tiny_cfg.model_copy(update={"training": tiny_cfg.training.model_copy(update={"co_label": False})})
+    assert co_labelled_groups(off, ["ner", "cws"], features) == [["ner"], ["cws"]]
+    features["cws"] = [_feature([2, 9, 9, 3], [IGNORE, 0, 2, IGNORE])]  # other texts: no sharing
+    assert co_labelled_groups(tiny_cfg, ["ner", "cws"], features) == [["ner"], ["cws"]]
+
+
+def test_merged_rows_carry_each_tasks_labels_and_pad_them():
+    features = {
+        "ner": [_feature([2, 5, 6, 3], [IGNORE, 1, 0, IGNORE]), _feature([2, 7, 3], [IGNORE, 0, IGNORE])],
+        "cws": [_feature([2, 5, 6, 3], [IGNORE, 0, 2, IGNORE])],
+    }
+    rows = merge_features(["ner", "cws"], features)
+    assert len(rows) == 2
+    assert rows[0]["labels/ner"] == [IGNORE, 1, 0, IGNORE] and rows[0]["labels/cws"] == [IGNORE, 0, 2, IGNORE]
+    assert rows[1]["labels/cws"] == [IGNORE] * 3  # cws does not label that text
+
+
+def test_co_labelled_collator_pads_inputs_and_labels(tiny_tokenized):
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_tokenized.path(tiny_tokenized.data.tokenized_dir) / TOKENIZER_DIR)
+    rows = merge_features(["ner", "cws"], {
+        "ner": [_feature([2, 5, 6, 3], [IGNORE, 1, 0, IGNORE]), _feature([2, 7, 3], [IGNORE, 0, IGNORE])],
+        "cws": [_feature([2, 5, 6, 3], [IGNORE, 0, 2, IGNORE])],
+    })
+    batch = co_labelled_collator(tokenizer, ["ner", "cws"])(rows)
+    assert batch["input_ids"].shape == (2, 4) and batch["attention_mask"][1].tolist() == [1, 1, 1, 0]
+    assert batch["labels/ner"][1].tolist() == [IGNORE, 0, IGNORE, IGNORE]
+    assert batch["labels/cws"][1].tolist() == [IGNORE] * 4
+
+
+def test_one_encoding_gives_the_same_losses_as_one_pass_per_task(tiny_tokenized):
+    from tasks_mtl.model import new_model
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+    from tasks_mtl.train import load_features
+
+    cfg = tiny_tokenized
+    tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = new_model(cfg, tokenizer, NgramTables.load(cfg.path(cfg.data.tokenized_dir))).eval()
+    ner = load_features(cfg, "ner")[:6]
+    cws_labels = [[IGNORE if l == IGNORE else (i % 4) for i, l in enumerate(f["labels"])] for f in ner]
+    rows = merge_features(["ner", "cws"], {"ner": ner, "cws": [f | {"labels": c} for f, c in zip(ner, cws_labels)]})
+    batch = co_labelled_collator(tokenizer, ["ner", "cws"])(rows)
+    together = model.forward_tasks(["ner", "cws"], batch)
+    alone_ner, _ = model("ner", batch | {"labels": batch["labels/ner"]})
+    alone_cws, _ = model("cws", batch | {"labels": batch["labels/cws"]})
+    torch.testing.assert_close(together["ner"][0], alone_ner)
+    torch.testing.assert_close(together["cws"][0], alone_cws)
+    only_ner = batch | {"labels/cws": torch.full_like(batch["labels/cws"], IGNORE)}
+    assert set(model.forward_tasks(["ner", "cws"], only_ner)) == {"ner"}  # no cws label: no cws loss
+
+
+def test_fixed_shares_sum_over_a_streams_tasks():
+    sampler = build_sampler("fixed", ["sentiment", "ner+cws"], {"sentiment": 10, "ner+cws": 99}, 100, seed=0,
+                            weights={"sentiment": 0.3, "ner": 0.2, "cws": 0.1})
+    np.testing.assert_allclose(sampler.probabilities(), [0.5, 0.5])
+    draws = [sampler.next()[0] for _ in range(2000)]
+    assert 0.45 < draws.count("sentiment") / 2000 < 0.55
+    fallback = build_sampler("fixed", ["a", "b"], {"a": 1, "b": 1}, 10, seed=0, weights={"a": 0.6})
+    np.testing.assert_allclose(fallback.probabilities(), [0.5, 0.5])  # b gets the mean share
+    with pytest.raises(ValueError):
+        build_sampler("fixed", ["a"], {"a": 1}, 10, seed=0, weights={"a": -1.0})
