@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 NER_F1_FLOOR = 0.30  # chance is ~0; measured 0.4x
 CWS_F1_FLOOR = 0.75  # all-single-character segmentation scores ~0.3; measured 0.8x
 SENTIMENT_ACCURACY_FLOOR = 0.70  # majority class is 0.52; measured 0.7x
+LEARNING_STEPS = 320
 LEARNING_TASKS = {"pos": None, "nsp": None, "mlm": None}  # ner + cws co-labelled, and sentiment
 
 
@@ -30,12 +31,12 @@ def bundled_root(tmp_path_factory):
     return root
 
 
-def _config(root, name: str, params: dict):
+def _config(root, name: str, params: dict, overrides: dict | None = None):
     from tasks_mtl.config import load_config
 
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    return load_config(path)
+    return load_config(path, overrides=overrides)
 
 
 def test_every_training_character_gets_its_own_id(bundled_root):
@@ -69,12 +70,9 @@ def test_default_recipe_learns_in_three_minutes(bundled_root):
         "tasks": {**LEARNING_TASKS, "ner": {"max_rows": caps}, "cws": {"max_rows": caps},
                   "sentiment": {"max_rows": caps}},
         "training": {"log_every": 50, "save_every": 0},
-    })
+    }, overrides={"training.stages.0.steps": LEARNING_STEPS})  # the default recipe, only shorter
     stage = cfg.training.stages[0]
     assert stage.freeze_layers == "none" and cfg.encoder.use_bigrams() and cfg.training.co_label
-    from tasks_mtl.config import load_config  # the default recipe, only shorter
-
-    cfg = load_config(bundled_root / "learn.yaml", overrides={"training.stages.0.steps": 320})
     prepare(cfg)
     tokenize(cfg)
     train_all(cfg)
