@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,24 +27,29 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default="quick")
     parser.add_argument("--out", default="benchmarks/out/mtl_gain")
+    parser.add_argument("--steps", type=int, default=None, help="steps of every stage (default: the profile's)")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks to run alone (default: all)")
     args = parser.parse_args()
     started = time.perf_counter()
     out = Path(args.out).resolve()
-    base = load_config(args.params, profile=args.profile)
+    scale = {f"training.stages.{i}.steps": args.steps
+             for i in range(len(load_config(args.params, profile=args.profile).training.stages))} if args.steps else {}
+    base = load_config(args.params, profile=args.profile, overrides=scale)
     prepare(base)
     tokenize(base)
 
-    mtl_cfg = load_config(args.params, profile=args.profile, overrides={"training.output_dir": str(out / "multi")})
+    mtl_cfg = load_config(args.params, profile=args.profile, overrides={**scale, "training.output_dir": str(out / "multi")})
     multi = evaluate(mtl_cfg, train_all(mtl_cfg))
     single = {}
-    for task in base.tasks:
+    for task in args.tasks.split(",") if args.tasks else base.tasks:
         stages = [s.model_dump(mode="json") | {"tasks": [task]} for s in base.training.stages]
         cfg = load_config(args.params, profile=args.profile, overrides={
             "training.output_dir": str(out / f"single-{task}"), "training.stages": stages})
+        print(f"{task}: single-task run of {sum(s['steps'] for s in stages)} steps", file=sys.stderr, flush=True)
         single[task] = evaluate(cfg, train_all(cfg))[task]
     gains = multi_task_gain(multi, single, tuple(base.gates.lower_is_better))
     print(json.dumps({
-        "profile": args.profile,
+        "profile": args.profile, "steps": [s.steps for s in base.training.stages],
         "delta_m": {t: round(v, 2) for t, v in gains.items()},
         "mean_delta_m": round(sum(gains.values()) / max(len(gains), 1), 2),
         "multi_task": multi, "single_task": single,

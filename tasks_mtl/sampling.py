@@ -28,7 +28,7 @@ class TaskSampler:
         return [self.tasks[int(self.rng.choice(len(self.tasks), p=p))]]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "rng": self.rng.bit_generator.state}
+        return {"step": self.step, "rng": self.rng.bit_generator.state, "progress": self.step / self.total_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -28,6 +29,8 @@ from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
 from tasks_mtl.weighting import build_weighting
+
+logger = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -216,6 +219,16 @@ def stream_data(cfg: Config, model: MultiTaskModel, tokenizer, tasks: list[str],
     return data
 
 
+def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current top rate of the encoder (absent while it is frozen) and of the heads."""
+    rates: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        kind = group.get("name")
+        if kind in ("encoder", "heads"):
+            rates[f"lr/{kind}"] = max(rates.get(f"lr/{kind}", 0.0), float(group["lr"]))
+    return rates
+
+
 def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
     warm = int(total * warmup)
 
@@ -267,18 +280,26 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     sizes = {name: len(d.features) for name, d in data.items()}
     total = stage_steps(cfg, stage, sizes)
     weighting = build_weighting(stage.weighting, tasks, **stage.weighting_args).to(device)
+    weighting.accumulation = cfg.training.grad_accum
+    draws = total * cfg.training.grad_accum  # the sampler is asked once per micro-batch
     if weighting.requires_all_tasks:
-        sampler = AllTasks(list(data), sizes, total, cfg.seed)
+        if stage.sampler != "all":
+            logger.warning("stage %r: %s needs every task's loss each step, so the %r sampler is replaced by "
+                           "'all'", stage.name, stage.weighting, stage.sampler)
+        sampler = AllTasks(list(data), sizes, draws, cfg.seed)
     else:
-        sampler = build_sampler(stage.sampler, list(data), sizes, total, cfg.seed + index, **stage.sampler_args)
+        sampler = build_sampler(stage.sampler, list(data), sizes, draws, cfg.seed + index, **stage.sampler_args)
     shared = model.shared_parameters()
-    private = model.private_parameters() + [p for p in weighting.parameters() if p.requires_grad]
+    weighting_params = [p for p in weighting.parameters() if p.requires_grad]
+    private = model.private_parameters() + weighting_params
     groups = param_groups(model, stage, cfg.training.weight_decay)
-    if any(p.requires_grad for p in weighting.parameters()):
-        groups.append({"params": [p for p in weighting.parameters() if p.requires_grad], "lr": stage.head_lr,
-                       "weight_decay": 0.0, "name": "weighting"})
+    if weighting_params and weighting.lr is None:  # learnt with the heads, on their schedule
+        groups.append({"params": weighting_params, "lr": stage.head_lr, "weight_decay": 0.0, "name": "weighting"})
     optimizers = make_optimizers(groups)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, linear_schedule(total, stage.warmup)) for o in optimizers]
+    if weighting_params and weighting.lr is not None:  # the method's own optimizer and constant rate (FAMO)
+        optimizers.append(torch.optim.Adam(weighting_params, lr=weighting.lr))
+        schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizers[-1], lambda _: 1.0))
     sparse_ids = {id(p) for p in sparse_parameters(model)}
     clipped = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
     bf16 = use_bf16(cfg, device)
@@ -306,8 +327,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     window: dict[str, list[float]] = {}
     started, tokens = time.perf_counter(), 0
     offset = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages[:index])  # global step
+    weight_window: dict[str, list[float]] = {}
     while step < total:
-        weights: dict[str, float] = {}
         for _ in range(cfg.training.grad_accum):
             losses = {}
             for stream in sampler.next():
@@ -318,7 +339,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                 for task, (loss, _) in outputs.items():
                     losses[task] = loss / cfg.training.grad_accum
                     window.setdefault(task, []).append(loss.item())
-            weights.update(weighting.backward(losses, shared, private))
+            for task, w in weighting.backward(losses, shared, private).items():
+                weight_window.setdefault(task, []).append(w)
         if cfg.training.clip_norm > 0:  # the model's dense parameters: not the weighting's, not sparse tables
             torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)
         for optimizer, scheduler in zip(optimizers, schedulers):
@@ -331,13 +353,13 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
 
         if step % cfg.training.log_every == 0 or step == total:
             metrics = {f"loss/{t}": float(np.mean(v)) for t, v in window.items()}
-            metrics |= {f"weight/{t}": w for t, w in weights.items()}
-            metrics |= {"lr/encoder": schedulers[0].get_last_lr()[0], "tokens_per_s": tokens / (time.perf_counter() - started)}
-            metrics["bf16"] = float(bf16)
+            metrics |= {f"weight/{t}": float(np.mean(v)) for t, v in weight_window.items()}  # mean over the window
+            metrics |= learning_rates(optimizers[0])
+            metrics |= {"tokens_per_s": tokens / (time.perf_counter() - started), "bf16": float(bf16)}
             _append_log(log_file, offset + step, stage.name, metrics)
             if log:
                 log(metrics, offset + step)
-            window = {}
+            window, weight_window = {}, {}
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
             save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length)
             save_state({

@@ -13,6 +13,16 @@ TINY_NAMES = ["张伟", "李娜", "王芳"]
 TINY_PLACES = ["北京", "上海", "广州"]
 
 
+# An MLM pretraining stage first: freezing protects pretrained weights only.
+TINY_STAGES = [
+    {"name": "pretrain", "tasks": ["mlm"], "steps": 3, "encoder_lr": 1e-3, "head_lr": 3e-3},
+    {"name": "warmup", "freeze_layers": "all", "steps": 4, "head_lr": 5e-3, "warmup": 0.0},
+    {"name": "joint", "freeze_layers": 1, "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3,
+     "weighting": "uncertainty", "sampler": "temperature"},
+    {"name": "full", "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3, "sampler": "round_robin"},
+]
+
+
 def _tiny_rows(rng: random.Random, n: int) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {k: [] for k in ("sentiment", "ner", "cws", "nsp", "mlm")}
     for _ in range(n):
@@ -60,13 +70,7 @@ def make_tiny_project(root: Path, extra_params: dict | None = None):
                     "vocab_min_frequency": 1, "max_length": 32, "max_positions": 64},
         "training": {
             "batch_size": 8, "log_every": 2, "save_every": 0, "device": "cpu",
-            "stages": [  # an MLM pretraining stage first: freezing protects pretrained weights only
-                {"name": "pretrain", "tasks": ["mlm"], "steps": 3, "encoder_lr": 1e-3, "head_lr": 3e-3},
-                {"name": "warmup", "freeze_layers": "all", "steps": 4, "head_lr": 5e-3, "warmup": 0.0},
-                {"name": "joint", "freeze_layers": 1, "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3,
-                 "weighting": "uncertainty", "sampler": "temperature"},
-                {"name": "full", "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3, "sampler": "round_robin"},
-            ],
+            "stages": TINY_STAGES,
         },
     }
     if extra_params:

@@ -31,7 +31,7 @@ WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "gradnorm": GradNorm,
     "pcgrad": PCGrad,
     "cagrad": CAGrad,
-    "imtl": IMTLG,
+    "imtl_g": IMTLG,
     "nash_mtl": NashMTL,
     "famo": FAMO,
 }

@@ -24,6 +24,8 @@ class LossWeighting(nn.Module):
     """Base class: turn this step's task losses into accumulated gradients."""
 
     requires_all_tasks: ClassVar[bool] = False  # True: every step must carry a loss for every task
+    lr: float | None = None  # learnable weights: None = trained with the heads; else their own Adam at this rate
+    accumulation: int = 1  # micro-batches per optimizer step (the trainer sets it); losses arrive divided by it
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
@@ -71,10 +73,12 @@ class GradientWeighting(LossWeighting):
     """Base for methods that combine per-task gradients of the shared parameters.
 
     Subclasses implement `combine`; the shared parameters receive the combined vector, and the
-    private ones (heads) the gradient of the losses weighted by `combine`'s task weights.
+    private ones (heads) the gradient of the losses weighted by `combine`'s task weights, or of the
+    plain losses when the method sets `weights_heads = False`.
     """
 
     requires_all_tasks: ClassVar[bool] = True
+    weights_heads: ClassVar[bool] = True  # False: heads get their plain gradients, as in IMTL and CAGrad
 
     def combine(self, grads: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """grads [T, P], losses [T] (detached) -> (update [P], task weights [T] for the private part)."""
@@ -90,7 +94,8 @@ class GradientWeighting(LossWeighting):
         if grads is not None and bool(grads.any()):  # else nothing shared to arbitrate (frozen, or zero)
             update, weights = self.combine(grads, torch.stack([l.detach() for l in loss_list]))
             add_flat_grad(shared, update)
-        backward_weighted(loss_list, weights, private)
+        head_weights = weights if self.weights_heads else torch.ones_like(weights)
+        backward_weighted(loss_list, head_weights, private)
         return {n: float(w) for n, w in zip(names, weights.tolist())}
 
 

@@ -7,9 +7,13 @@ c = 1 / sum_j (z_j / L_j) held constant, i.e. the loss-weighted sum with weights
 alpha_i = z_i / (L_i sum_j z_j / L_j) (times the number of tasks here, for the sum scale). After
 each step the logits descend J_z^T delta + gamma xi, where delta_i = log L_i(before) - log L_i(after)
 is how much task i improved: tasks that improve least gain weight. No per-task gradients are
-needed. delta is taken between the mean losses of consecutive optimizer steps (different batches,
-no extra forward pass); its gradient reaches xi.grad at the next step's first backward, and the
-trainer's optimizer moves xi (give it this module's parameters; the paper uses Adam, lr 0.025).
+needed. The logits have their own Adam at a constant `lr` (0.025, the paper's), outside the model's
+warm-up and decay: the trainer builds it from `self.lr`.
+
+One departure from the paper: there, delta compares the losses of the same batch before and after
+the update (one extra forward pass per step). Here delta is taken between the mean losses of
+consecutive optimizer steps, which are different batches: no extra forward pass, but batch noise
+enters delta. Its gradient reaches xi.grad at the next step's first backward.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ class FAMO(LossWeighting):
 
     requires_all_tasks: ClassVar[bool] = True
 
-    def __init__(self, tasks: list[str], gamma: float = 0.001, min_loss: float = 0.0) -> None:
+    def __init__(self, tasks: list[str], gamma: float = 0.001, min_loss: float = 0.0, lr: float = 0.025) -> None:
         super().__init__(tasks)
+        self.lr = float(lr)  # the logits' own Adam (the trainer builds it)
         self.gamma = float(gamma)  # the paper's decay of the logits towards equal weights
         self.min_loss = float(min_loss)  # L_i*: a lower bound of every loss (0 for cross-entropy)
         k = len(tasks)

@@ -3,8 +3,10 @@
 Lin, Ye, Zhang and Tsang (2022), "Reasonable Effectiveness of Random Weighting: A Litmus Test
 for Multi-Task Learning", Transactions on Machine Learning Research (TMLR) 2022.
 
-Every step draws fresh weights softmax(z), z ~ N(0, I), over the tasks of the step, scaled by
-their number (so the weights sum to the number of tasks, as `equal` does). The generator is seeded
+Every step draws fresh weights K softmax(z), z ~ N(0, I_K), over all K configured tasks (so they
+sum to K, as `equal`'s do) and applies those of the tasks present. Under a one-task-per-step sampler
+the task's weight then still varies from step to step; a softmax over the present task alone would
+always be 1, i.e. `equal`. The generator is seeded
 from `seed` and its state is kept in a buffer, so a resumed run draws the same weights.
 """
 
@@ -17,7 +19,7 @@ from tasks_mtl.weighting.base import LossWeighting, generator_from, new_rng_stat
 
 
 class RandomLossWeighting(LossWeighting):
-    """sum_i w_i L_i with w = t * softmax(N(0, I_t)) redrawn every step (t = tasks this step)."""
+    """sum_i w_i L_i with w = K softmax(N(0, I_K)) redrawn every step, indexed by the tasks present."""
 
     def __init__(self, tasks: list[str], seed: int = 0) -> None:
         super().__init__(tasks)
@@ -28,8 +30,9 @@ class RandomLossWeighting(LossWeighting):
     ) -> dict[str, float]:
         names = self.present(losses)
         gen = generator_from(self.rng_state)
-        z = torch.randn(len(names), generator=gen, dtype=torch.float64)  # [t], drawn on CPU
+        z = torch.randn(len(self.tasks), generator=gen, dtype=torch.float64)  # [K], drawn on CPU
         save_rng(self.rng_state, gen)
-        weights = (len(names) * torch.softmax(z, dim=0)).tolist()
+        every = len(self.tasks) * torch.softmax(z, dim=0)  # [K]
+        weights = [float(every[self.tasks.index(n)]) for n in names]
         sum(w * losses[n] for w, n in zip(weights, names)).backward()
         return dict(zip(names, weights))

@@ -221,21 +221,25 @@ def test_static_applies_alphas_exactly() -> None:
     torch.testing.assert_close(model.trunk.weight.grad, expected)
 
 
-def test_uncertainty_learns_smaller_weight_for_the_larger_loss() -> None:
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_uncertainty_learns_smaller_weight_for_the_larger_loss(accumulation) -> None:
+    """The paper's classification form exp(-s) L + s/2 has its optimum at exp(-s) = 1 / (2L), whatever the
+    number of accumulated micro-batches (each brings L/k and 1/k of the regulariser)."""
     weighting = build_weighting("uncertainty", ["big", "small"])
+    weighting.accumulation = accumulation
     opt = torch.optim.SGD(weighting.parameters(), lr=0.1)
     dummy = nn.Parameter(torch.ones(()))
     history = []
-    for _ in range(60):
+    for _ in range(80):
         opt.zero_grad()
-        losses = {"big": 5.0 * dummy, "small": 0.5 * dummy}
-        history.append(weighting.backward(losses, [dummy], list(weighting.parameters())))
+        for _ in range(accumulation):
+            losses = {"big": 5.0 * dummy / accumulation, "small": 0.5 * dummy / accumulation}
+            history.append(weighting.backward(losses, [dummy], list(weighting.parameters())))
         assert weighting.log_vars.grad is not None and weighting.log_vars.grad.abs().sum() > 0
         opt.step()
     assert history[-1]["big"] < history[0]["big"] and history[-1]["big"] < history[-1]["small"]
-    # the optimum of exp(-s) L + s is exp(-s) = 1 / L
-    assert history[-1]["big"] == pytest.approx(1 / 5.0, rel=0.1)
-    assert history[-1]["small"] == pytest.approx(1 / 0.5, rel=0.1)
+    assert history[-1]["big"] == pytest.approx(1 / (2 * 5.0), rel=0.1)
+    assert history[-1]["small"] == pytest.approx(1 / (2 * 0.5), rel=0.1)
 
 
 def test_gradnorm_raises_the_weight_of_the_slowest_task_and_keeps_the_sum() -> None:
@@ -318,23 +322,44 @@ def random_conflicting(t: int = 3, p: int = 6, seed: int = 0) -> Tensor:
     return g
 
 
+def head_losses(grads: Tensor) -> tuple[nn.Parameter, nn.Parameter, dict[str, Tensor]]:
+    """linear_losses plus a private scalar head per task: loss_i = (1 + g_i . theta) * (1 + h_i)."""
+    theta = nn.Parameter(torch.zeros(grads.shape[1], dtype=grads.dtype))
+    heads = nn.Parameter(torch.zeros(grads.shape[0], dtype=grads.dtype))
+    return theta, heads, {f"t{i}": (1.0 + g @ theta) * (1.0 + heads[i]) for i, g in enumerate(grads)}
+
+
 def test_imtl_update_has_equal_projections_on_unit_gradients() -> None:
     g = random_conflicting()
-    theta, losses = linear_losses(g)
-    weights = build_weighting("imtl", list(losses)).backward(losses, [theta], [])
+    theta, heads, losses = head_losses(g)
+    weights = build_weighting("imtl_g", list(losses)).backward(losses, [theta], [heads])
     units = g / g.norm(dim=1, keepdim=True)
     projections = units @ theta.grad
     torch.testing.assert_close(projections, projections[0].expand(3), rtol=1e-6, atol=1e-9)
     assert sum(weights.values()) == pytest.approx(3.0)
     assert not torch.allclose(projections, units @ g.sum(0))  # the plain sum would not balance them
+    torch.testing.assert_close(heads.grad, torch.ones(3, dtype=g.dtype))  # heads: raw losses, not alpha
+
+
+def test_imtl_leaves_out_a_task_with_no_shared_gradient() -> None:
+    g = random_conflicting()
+    g[1] = 0.0  # its head reads a frozen layer
+    theta, heads, losses = head_losses(g)
+    weights = build_weighting("imtl_g", list(losses)).backward(losses, [theta], [heads])
+    assert weights["t1"] == 0.0 and weights["t0"] + weights["t2"] == pytest.approx(2.0)
+    assert float(theta.grad.norm()) > 0  # training goes on
+    live = g[[0, 2]] / g[[0, 2]].norm(dim=1, keepdim=True)
+    projections = live @ theta.grad
+    torch.testing.assert_close(projections[0], projections[1], rtol=1e-6, atol=1e-9)
+    assert float(heads.grad[1]) == pytest.approx(1.0)  # and its head still learns
 
 
 def test_cagrad_stays_near_the_average_and_helps_the_worst_task() -> None:
     g = random_conflicting()
     g0 = g.mean(0)
-    theta, losses = linear_losses(g)
-    build_weighting("cagrad", list(losses), c=0.4).backward(losses, [theta], [])
-    d = theta.grad / 3  # back to the paper's mean-gradient scale
+    theta, heads, losses = head_losses(g)
+    build_weighting("cagrad", list(losses), c=0.4).backward(losses, [theta], [heads])
+    d = theta.grad * (1 + 0.4**2) / 3  # back to the paper's mean-gradient scale, before its rescale
     assert d @ g0 >= 0
     assert float((d - g0).norm()) == pytest.approx(0.4 * float(g0.norm()), rel=1e-4)
     # d maximises the worst task's improvement within the ball: no sampled point in it does better
@@ -344,6 +369,17 @@ def test_cagrad_stays_near_the_average_and_helps_the_worst_task() -> None:
     candidates = g0 + 0.4 * g0.norm() * u
     assert (g @ d).min() >= (candidates @ g.T).min(dim=1).values.max() - 1e-3
     assert (g @ d).min() > (g @ g0).min()  # and it does better than the plain average
+    torch.testing.assert_close(heads.grad, torch.ones(3, dtype=g.dtype))  # heads: plain gradients
+
+
+def test_cagrad_rescale_divides_by_one_plus_c_squared() -> None:
+    g = random_conflicting()
+    grads = {}
+    for rescale in (False, True):
+        theta, losses = linear_losses(g)
+        build_weighting("cagrad", list(losses), c=0.5, rescale=rescale).backward(losses, [theta], [])
+        grads[rescale] = theta.grad
+    torch.testing.assert_close(grads[True] * 1.25, grads[False])
 
 
 def test_cagrad_with_c_zero_is_the_average_gradient() -> None:
@@ -354,22 +390,28 @@ def test_cagrad_with_c_zero_is_the_average_gradient() -> None:
     assert list(weights.values()) == [1.0, 1.0, 1.0]
 
 
-def test_cagrad_dual_solver_finds_the_simplex_minimum() -> None:
-    g = random_conflicting()
+@pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (1.0, 10.0, 100.0), (0.01, 1.0, 30.0)])
+def test_cagrad_dual_solver_finds_the_simplex_minimum(scales) -> None:
+    g = random_conflicting() * torch.tensor(scales, dtype=torch.float64)[:, None]  # norms far apart
     gram = g @ g.T
     c = 0.4
     g0_norm = gram.mean().sqrt()
 
     def objective(w: Tensor) -> Tensor:
-        return w @ gram.mean(1) + c * g0_norm * (w @ gram @ w).sqrt()
+        return w @ gram.mean(1) + c * g0_norm * (w @ gram @ w).clamp_min(0).sqrt()
 
     w = solve_simplex_dual(gram, c)
-    grid = torch.linspace(0, 1, 201, dtype=g.dtype)
+    grid = torch.linspace(0, 1, 801, dtype=g.dtype)
     a, b = torch.meshgrid(grid, grid, indexing="ij")
     keep = (a + b) <= 1
     ws = torch.stack([a[keep], b[keep], 1 - a[keep] - b[keep]], dim=1)  # [N, 3] points of the simplex
-    grid_min = (ws @ gram.mean(1) + c * g0_norm * ((ws @ gram) * ws).sum(1).sqrt()).min()
-    assert objective(w) <= grid_min + 1e-4 * gram.diagonal().mean()
+    values = ws @ gram.mean(1) + c * g0_norm * ((ws @ gram) * ws).sum(1).clamp_min(0).sqrt()
+    best = ws[values.argmin()]
+    assert objective(w) <= values.min() + 1e-6 * gram.diagonal().max()
+    # the update's direction matches the grid optimum's
+    direction = lambda v: g.mean(0) + c * g0_norm * (v @ g) / (v @ g).norm()  # noqa: E731
+    cos = torch.nn.functional.cosine_similarity(direction(w), direction(best), dim=0)
+    assert float(cos) > 0.999
     assert torch.isfinite(cagrad_weights(torch.zeros(3, 4), 0.4)).all()  # vanishing gradients do not blow up
 
 
@@ -417,3 +459,13 @@ def test_rlw_weights_are_random_but_reproducible() -> None:
     assert first[0] != first[1]
     assert draws(seed=7) == first
     assert draws(seed=8) != first
+
+
+
+def test_rlw_weights_vary_with_one_task_per_step() -> None:
+    """Under a one-task-per-step sampler the present task's weight is its share of K random weights, not 1."""
+    weighting = build_weighting("rlw", TASKS, seed=3)
+    theta = nn.Parameter(torch.zeros(1))
+    drawn = [weighting.backward({"b": 1.0 + theta.sum()}, [theta], [])["b"] for _ in range(20)]
+    assert len(set(drawn)) == 20 and min(drawn) < 0.8 < 1.2 < max(drawn)
+    assert 0 < min(drawn) and max(drawn) < 3.0

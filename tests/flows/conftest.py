@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tasks_mtl.config import Config
+from tiny_project import TINY_STAGES
 
 
 class FakePredictor:
@@ -30,7 +31,7 @@ def mlflow_cfg(tmp_path, monkeypatch) -> Config:
     """A Config rooted in tmp_path: its SQLite registry and artifacts live there, not in the checkout."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MTL_MODEL_CACHE", str(tmp_path / "model-cache"))
-    return Config(root=tmp_path)
+    return Config(root=tmp_path, training={"stages": TINY_STAGES})  # four stages, one of them pretraining
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def test_run_tracker_logs_params_steps_and_nested_stage_runs(mlflow_cfg):
     tracker.finish()
     client = tracking.client(mlflow_cfg)
     parent = client.get_run(tracker.run_id)
-    assert parent.data.params["training.stages.0.name"] == "warmup"
+    assert parent.data.params["training.stages.1.name"] == "warmup"
     assert parent.data.metrics["test.sentiment.accuracy"] == 0.8
     assert parent.data.tags["data_hash"] == "abc" and parent.info.status == "FINISHED"
     child = client.get_run(stage.run_id)

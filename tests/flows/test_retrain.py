@@ -82,7 +82,7 @@ def test_gated_registration_and_tokenize_cache(mlflow_cfg, fakes):
     first = run_local(cfg)
     assert "error" not in first, first.get("error")
     assert first["version"] == 1 and first["promoted"] and first["gates"]["decision"] == "promote"
-    assert fakes["train"] == [0, 1, 2] and fakes["tokenize"] == 1
+    assert fakes["train"] == [0, 1, 2, 3] and fakes["tokenize"] == 1
     assert json.loads(cfg.path("reports/gates.json").read_text())["decision"] == "promote"
     assert registry.champion_metrics(cfg) == METRICS
 
@@ -112,10 +112,10 @@ def test_bad_data_stops_the_flow_before_training(mlflow_cfg, fakes):
 
 
 def test_a_failed_stage_is_retried_once(mlflow_cfg, fakes):
-    fakes["fail_stage_once"] = 1
+    fakes["fail_stage_once"] = 2  # the joint stage
     result = run_local(mlflow_cfg)
     assert "error" not in result, result.get("error")
-    assert fakes["train"] == [0, 1, 2] and result["version"] == 1
+    assert fakes["train"] == [0, 1, 2, 3] and result["version"] == 1
     client = tracking.client(mlflow_cfg)
     statuses = sorted(r.info.status for r in client.search_runs([tracking.experiment_id(mlflow_cfg)])
                       if r.data.tags.get("stage") == "joint")

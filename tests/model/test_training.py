@@ -228,3 +228,44 @@ def test_a_user_task_from_files_trains_without_code_changes(tmp_path):
     record = Predictor.from_dir(out).predict(["我喜欢小米手机"])[0]
     assert set(record) == {"text", "intent", "brand"}
     assert record["brand"] == [{"start": 3, "end": 5, "type": "BRAND", "text": "小米"}]
+
+
+def test_annealing_and_learning_rates_count_optimizer_steps_under_accumulation(tmp_path):
+    """With grad_accum=4 the annealed sampler is halfway at half the stage (it used to count micro-batches
+    against optimizer steps and finish at a quarter); the logs carry the encoder's own rate and none while
+    it is frozen."""
+    from tasks_mtl.checkpoint import load_state
+    from tiny_project import make_tiny_project
+
+    cfg = make_tiny_project(tmp_path, {"encoder": {"bigrams": False}, "training": {
+        "grad_accum": 4, "log_every": 1, "stages": [
+        {"name": "pretrain", "tasks": ["mlm"], "steps": 2, "encoder_lr": 1e-3, "head_lr": 3e-3},
+        {"name": "warmup", "freeze_layers": "all", "steps": 2, "head_lr": 5e-3, "warmup": 0.0},
+        {"name": "joint", "steps": 8, "encoder_lr": 1e-3, "head_lr": 3e-3, "warmup": 0.0, "layer_decay": 0.5,
+         "sampler": "annealed"}]}})
+    tokenize(cfg)
+    train_stage(cfg, 0)
+    warm = train_stage(cfg, 1)
+    resume = train_stage(cfg, 2, stop_after=4)
+    assert load_state(resume)["sampler"]["progress"] == pytest.approx(0.5)
+    rows = [line.split(",") for line in (warm.parent / "2-warmup.log.csv").read_text().splitlines()[1:]]
+    logged = {metric for _, _, metric, _ in rows}
+    assert "lr/heads" in logged and "lr/encoder" not in logged  # frozen: no encoder rate to report
+    rows = [line.split(",") for line in (resume.parent / "3-joint.log.csv").read_text().splitlines()[1:]]
+    first = {metric: float(value) for step, _, metric, value in rows if step == rows[0][0]}
+    expected = 1e-3 * (1 - 1 / 8)  # linear decay after one step; the top layer's rate, not a decayed one
+    assert first["lr/encoder"] == pytest.approx(expected) and first["lr/heads"] == pytest.approx(3e-3 * (1 - 1 / 8))
+
+
+def test_famo_logits_have_their_own_constant_rate(tmp_path):
+    from tasks_mtl.checkpoint import load_state
+    from tiny_project import make_tiny_project
+
+    cfg = make_tiny_project(tmp_path, {"training": {"stages": [
+        {"name": "only", "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3, "warmup": 0.5, "weighting": "famo"}]}})
+    tokenize(cfg)
+    resume = train_stage(cfg, 0, stop_after=1)
+    optimizers = load_state(resume)["optimizer"]
+    famo = optimizers[-1]["param_groups"]
+    assert len(famo) == 1 and famo[0]["lr"] == pytest.approx(0.025)  # no warm-up, no decay
+    assert optimizers[0]["param_groups"][0]["lr"] < 1e-3  # the model's rates are warming up
