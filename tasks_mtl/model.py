@@ -20,7 +20,7 @@ from tasks_mtl.ngrams import BigramEmbedding, NgramTables, sparse_parameters
 from tasks_mtl.tasks import build_task
 
 
-def new_model(cfg: Config, tokenizer, ngrams: NgramTables | None) -> "MultiTaskModel":
+def new_model(cfg: Config, tokenizer, ngrams: NgramTables | None) -> MultiTaskModel:
     """A fresh multi-task model for the run: its encoder, the configured heads, and the n-gram parts."""
     bigram_dim = cfg.encoder.bigram_dim if cfg.encoder.use_bigrams() else 0
     return MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), cfg.tasks, ngrams,

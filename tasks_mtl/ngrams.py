@@ -63,7 +63,7 @@ class NgramTables(nn.Module):
 
     @classmethod
     def build(cls, sequences: list[list[int]], vocab: int, min_count: int,
-              orders: tuple[int, ...] = ORDERS) -> "NgramTables":
+              orders: tuple[int, ...] = ORDERS) -> NgramTables:
         """Tables of the n-grams seen at least `min_count` times in `sequences` (other orders: empty)."""
         keys = {n: torch.zeros(0, dtype=torch.long) for n in ORDERS}
         for n in orders:
@@ -87,7 +87,7 @@ class NgramTables(nn.Module):
         save_file(tensors, str(Path(directory) / FILE), metadata={"vocab": str(self.vocab)})
 
     @classmethod
-    def load(cls, directory: Path) -> "NgramTables | None":
+    def load(cls, directory: Path) -> NgramTables | None:
         from safetensors import safe_open
 
         path = Path(directory) / FILE

@@ -54,7 +54,7 @@ class Predictor:
         self.tasks = model.task_cfgs
 
     @classmethod
-    def from_dir(cls, path: Path | str, device: str | None = None, batch_size: int = 32) -> "Predictor":
+    def from_dir(cls, path: Path | str, device: str | None = None, batch_size: int = 32) -> Predictor:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, tokenizer, meta = load_checkpoint(Path(path), device=dev)
         return cls(model, tokenizer, meta, dev, batch_size)

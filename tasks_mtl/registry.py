@@ -17,7 +17,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,7 @@ def _requirements() -> list[str]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 # --- registering -----------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def list_versions(cfg: Config) -> list[dict[str, Any]]:
         rows.append({
             "version": int(mv.version),
             "aliases": sorted(aliases_of.get(str(mv.version), [])),
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
             "gate": tags.get("gate", "-"),
             "metrics": " ".join(shown),
         })

@@ -79,7 +79,7 @@ def build_ngram_tables(cfg: Config, tokenizer):
     bag_tasks = [n for n, t in cfg.tasks.items() if t.ngram_bag]
     if not (cfg.encoder.use_bigrams() or bag_tasks):
         return None
-    encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []  # noqa: E731
+    encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
     vocab, least = len(tokenizer), cfg.encoder.ngram_min_count
     bigrams = NgramTables.build(encode(training_texts(cfg)), vocab, least, orders=(2,))
     trigrams = NgramTables.build(encode(training_texts(cfg, bag_tasks)), vocab, least, orders=(3,))

@@ -156,7 +156,7 @@ class RunTracker:
         self.client = client(cfg)
 
     @classmethod
-    def start(cls, cfg: Config, run_name: str | None = None, tags: dict[str, str] | None = None) -> "RunTracker":
+    def start(cls, cfg: Config, run_name: str | None = None, tags: dict[str, str] | None = None) -> RunTracker:
         """Open the parent run and log the resolved configuration as params."""
         mlflow_client = client(cfg)
         all_tags = {"mlflow.runName": run_name or "retrain", **(tags or {})}
@@ -166,7 +166,7 @@ class RunTracker:
         return tracker
 
     @classmethod
-    def attach(cls, cfg: Config, run_id: str) -> "RunTracker":
+    def attach(cls, cfg: Config, run_id: str) -> RunTracker:
         return cls(cfg, run_id)
 
     def log_params(self, params: dict[str, str]) -> None:
@@ -194,7 +194,7 @@ class RunTracker:
         return lambda metrics, step: self.log_metrics(metrics, step)
 
     @contextmanager
-    def stage(self, name: str, tags: dict[str, str] | None = None) -> Iterator["RunTracker"]:
+    def stage(self, name: str, tags: dict[str, str] | None = None) -> Iterator[RunTracker]:
         """A nested run for one training stage; FAILED if the stage raises."""
         child = self.client.create_run(
             self.client.get_run(self.run_id).info.experiment_id,

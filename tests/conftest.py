@@ -14,9 +14,8 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import pytest  # noqa: E402
-
-from tiny_project import REPO_ROOT, make_tiny_project  # noqa: E402,F401
+import pytest
+from tiny_project import REPO_ROOT, make_tiny_project  # noqa: F401
 
 
 @pytest.fixture

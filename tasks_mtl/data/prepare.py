@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+
 import pandas as pd
 
 from tasks_mtl.config import SPLITS, Config

@@ -9,29 +9,51 @@ from tasks_mtl.config import TaskConfig
 from tasks_mtl.ngrams import NgramBag, NgramTables
 
 
+def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H), (B, T) -> (B, H): the mean over the positions where mask is set."""
+    weights = mask[..., None].to(hidden_states.dtype)
+    return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class ClassificationHead(nn.Module):
-    """Pool the text ([CLS] vector, or the masked mean of all tokens), dense + tanh as BERT's pooler, then a
-    linear classifier; with an n-gram bag, the bag's vector is concatenated to the pooled one first."""
+    """Pool the text, dense + tanh as BERT's pooler, then a linear classifier.
+
+    Pooling: `cls` (the [CLS] vector), `mean` (masked mean of all tokens), or `pair` for text pairs:
+    the means u, v of the two segments (token_type_ids 0 and 1) as [u, v, |u - v|, u * v], so the head
+    compares the two texts directly. An n-gram bag adds its vector of the text (or, under `pair`, the
+    product and difference of the two segments' bags: their lexical overlap) before the classifier."""
 
     def __init__(self, hidden: int, num_labels: int, pooling: str = "cls", bag: NgramBag | None = None,
                  dropout: float = 0.1):
         super().__init__()
         self.pooling = pooling
-        self.pool = nn.Linear(hidden, hidden)
+        parts = 4 if pooling == "pair" else 1
+        self.pool = nn.Linear(parts * hidden, hidden)
         self.dropout = nn.Dropout(dropout)
         self.bag = bag
-        self.classify = nn.Linear(hidden + (bag.unigrams.embedding_dim if bag is not None else 0), num_labels)
+        bag_dim = bag.unigrams.embedding_dim * (2 if pooling == "pair" else 1) if bag is not None else 0
+        self.classify = nn.Linear(hidden + bag_dim, num_labels)
 
     def forward(self, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:  # (B, T, H) -> (B, C)
-        mask = batch["attention_mask"]  # (B, T)
-        if self.pooling == "mean":
-            weights = mask[..., None].to(hidden_states.dtype)
-            vector = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, H)
+        mask = batch["attention_mask"].bool()  # (B, T)
+        if self.pooling == "pair":
+            second = batch["token_type_ids"].bool() & mask  # (B, T)
+            first = mask & ~second
+            u, v = masked_mean(hidden_states, first), masked_mean(hidden_states, second)  # (B, H) each
+            vector = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)  # (B, 4H)
+        elif self.pooling == "mean":
+            vector = masked_mean(hidden_states, mask)  # (B, H)
         else:
             vector = hidden_states[:, 0]  # (B, H)
         features = self.dropout(torch.tanh(self.pool(vector)))
         if self.bag is not None:
-            features = torch.cat([features, self.bag(batch["input_ids"], mask).to(features.dtype)], dim=-1)
+            ids = batch["input_ids"]
+            if self.pooling == "pair":
+                a, b = self.bag(ids, first), self.bag(ids, second)  # (B, D) each
+                bags = torch.cat([a * b, (a - b).abs()], dim=-1)  # (B, 2D)
+            else:
+                bags = self.bag(ids, mask)  # (B, D)
+            features = torch.cat([features, bags.to(features.dtype)], dim=-1)
         return self.classify(features)
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from tasks_mtl.config import StageConfig
 from tasks_mtl.model import MultiTaskModel, new_encoder, new_model
 from tasks_mtl.ngrams import NgramTables
 from tasks_mtl.sampling import SAMPLERS, BatchOrder, build_sampler
 from tasks_mtl.tasks import TASK_TYPES
 from tasks_mtl.tasks.token_classification import IGNORE, first_piece_labels
-from tasks_mtl.config import StageConfig
 from tasks_mtl.train import StreamData, load_features, make_optimizers, param_groups
 from tasks_mtl.weighting import WEIGHTINGS, build_weighting
 
@@ -200,3 +200,22 @@ def test_batch_order_groups_lengths_and_resumes():
     fresh = BatchOrder(lengths, batch_size=10, seed=3, group=10)
     fresh.load_state_dict(state)
     assert [fresh.next().tolist() for _ in range(5)] == following
+
+
+def test_pair_pooling_compares_the_two_segments():
+    """`pooling: pair` reads the segments apart: moving the segment boundary changes the output, which a
+    mean over the whole pair cannot notice; it is refused on a single-text task."""
+    from tasks_mtl.config import TaskConfig
+    from tasks_mtl.tasks.classification import ClassificationHead
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8)  # (B, T, H)
+    batch = {"attention_mask": torch.ones(2, 6, dtype=torch.long), "input_ids": torch.ones(2, 6, dtype=torch.long),
+             "token_type_ids": torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)}
+    moved = batch | {"token_type_ids": torch.tensor([[0, 0, 0, 0, 1, 1]] * 2)}
+    pair, mean = ClassificationHead(8, 2, "pair").eval(), ClassificationHead(8, 2, "mean").eval()
+    assert pair.pool.in_features == 32
+    assert not torch.allclose(pair(hidden, batch), pair(hidden, moved))
+    torch.testing.assert_close(mean(hidden, batch), mean(hidden, moved))
+    with pytest.raises(ValueError, match="pair"):
+        TaskConfig(type="classification", bundled="sentiment", labels=["a", "b"], pooling="pair")

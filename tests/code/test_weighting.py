@@ -409,7 +409,7 @@ def test_cagrad_dual_solver_finds_the_simplex_minimum(scales) -> None:
     best = ws[values.argmin()]
     assert objective(w) <= values.min() + 1e-6 * gram.diagonal().max()
     # the update's direction matches the grid optimum's
-    direction = lambda v: g.mean(0) + c * g0_norm * (v @ g) / (v @ g).norm()  # noqa: E731
+    direction = lambda v: g.mean(0) + c * g0_norm * (v @ g) / (v @ g).norm()
     cos = torch.nn.functional.cosine_similarity(direction(w), direction(best), dim=0)
     assert float(cos) > 0.999
     assert torch.isfinite(cagrad_weights(torch.zeros(3, 4), 0.4)).all()  # vanishing gradients do not blow up

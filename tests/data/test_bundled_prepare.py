@@ -32,7 +32,7 @@ SENTENCES = [
 
 def test_normalise_makes_one_canonical_form():
     raw = "\ufeff第一行  \r\n\r\n第二行\t\r第三行\n\n".encode("utf-8")
-    assert normalise(raw, "x") == "第一行\n第二行\n第三行\n".encode("utf-8")
+    assert normalise(raw, "x") == "第一行\n第二行\n第三行\n".encode()
     with pytest.raises(IngestError, match="not valid UTF-8 at byte 1"):
         normalise(b"a\xff", "x")
 

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_project import TINY_STAGES
 
 from tasks_mtl.config import Config
-from tiny_project import TINY_STAGES
 
 
 class FakePredictor:
@@ -37,7 +37,7 @@ def mlflow_cfg(tmp_path, monkeypatch) -> Config:
 @pytest.fixture
 def fake_checkpoint(tmp_path, monkeypatch) -> Path:
     """A tiny checkpoint directory, and the registry's predictor loader pointed at FakePredictor."""
-    import tasks_mtl.registry as registry
+    from tasks_mtl import registry
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from e2e_helpers import BIN, REPO, env_for, free_port, ingest_shrunk, make_root, relaxed_gates, run
+
 from tasks_mtl import registry
 from tasks_mtl.config import load_config
 

@@ -52,9 +52,8 @@ def test_run_tracker_logs_params_steps_and_nested_stage_runs(mlflow_cfg):
 
 def test_failed_stage_marks_its_run_failed(mlflow_cfg):
     tracker = tracking.RunTracker.start(mlflow_cfg)
-    with pytest.raises(RuntimeError):
-        with tracker.stage("joint") as stage:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), tracker.stage("joint") as stage:
+        raise RuntimeError("boom")
     assert tracking.client(mlflow_cfg).get_run(stage.run_id).info.status == "FAILED"
 
 

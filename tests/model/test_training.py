@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tasks_mtl.checkpoint import load_checkpoint
 from tasks_mtl.cli import app
-from tasks_mtl.predict import Predictor, PredictionInputError, lenient_spans
+from tasks_mtl.predict import PredictionInputError, Predictor, lenient_spans
 from tasks_mtl.tokenization import tokenize
 from tasks_mtl.train import stage_dir, train_stage
 
@@ -234,8 +234,9 @@ def test_annealing_and_learning_rates_count_optimizer_steps_under_accumulation(t
     """With grad_accum=4 the annealed sampler is halfway at half the stage (it used to count micro-batches
     against optimizer steps and finish at a quarter); the logs carry the encoder's own rate and none while
     it is frozen."""
-    from tasks_mtl.checkpoint import load_state
     from tiny_project import make_tiny_project
+
+    from tasks_mtl.checkpoint import load_state
 
     cfg = make_tiny_project(tmp_path, {"encoder": {"bigrams": False}, "training": {
         "grad_accum": 4, "log_every": 1, "stages": [
@@ -258,8 +259,9 @@ def test_annealing_and_learning_rates_count_optimizer_steps_under_accumulation(t
 
 
 def test_famo_logits_have_their_own_constant_rate(tmp_path):
-    from tasks_mtl.checkpoint import load_state
     from tiny_project import make_tiny_project
+
+    from tasks_mtl.checkpoint import load_state
 
     cfg = make_tiny_project(tmp_path, {"training": {"stages": [
         {"name": "only", "steps": 6, "encoder_lr": 1e-3, "head_lr": 3e-3, "warmup": 0.5, "weighting": "famo"}]}})
