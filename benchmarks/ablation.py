@@ -4,7 +4,8 @@ of steps on the same prepared data and score them on the test split.
 Variant sets (`--set`):
 - sentiment: [CLS] vs mean pooling, with and without the n-gram bag, with and without bigram embeddings
   (sentiment trained alone);
-- token: ner + cws co-labelled, with and without bigram embeddings, and with a CRF over both heads.
+- token: ner + cws co-labelled, with and without bigram embeddings, with a CRF over both heads, with
+  window features (the CRF's features read straight into the tag scores), and with both.
 
 Prints one JSON line: {"set", "steps", "variants": {name: {"metrics": {...}, "seconds": s}}}.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +39,9 @@ VARIANTS = {
         "default": {},
         "no bigrams": {"encoder.bigrams": False},
         "crf": {"tasks.ner.crf": True, "tasks.cws.crf": True},
+        "window": {"tasks.ner.window_features": True, "tasks.cws.window_features": True},
+        "window+crf": {"tasks.ner.window_features": True, "tasks.cws.window_features": True,
+                       "tasks.ner.crf": True, "tasks.cws.crf": True},
     },
 }
 
@@ -62,6 +67,8 @@ def main() -> None:
         checkpoint = train_all(cfg)
         trained = time.perf_counter() - started
         results[name] = {"metrics": evaluate(cfg, checkpoint), "train_seconds": round(trained, 1)}
+        (where / "result.json").write_text(json.dumps(results[name], ensure_ascii=False))  # survives a later crash
+        print(f"{name}: {json.dumps(results[name]['metrics'], ensure_ascii=False)}", file=sys.stderr, flush=True)
     print(json.dumps({"set": args.set, "steps": args.steps, "variants": results}, ensure_ascii=False))
 
 

@@ -2,7 +2,7 @@
 
     <dir>/encoder/      BERT weights and config (save_pretrained, safetensors)
     <dir>/tokenizer/    the tokenizer (save_pretrained)
-    <dir>/heads.safetensors   heads, soft-sharing layers and bigram embeddings
+    <dir>/heads.safetensors   heads, soft-sharing layers, bigram embeddings and window features
     <dir>/ngrams.safetensors  token-id n-gram tables (when bigram embeddings or n-gram bags are used)
     <dir>/mtl.json      tasks (type, tag/label set, sharing), encoder window, format version
 
@@ -45,6 +45,7 @@ def save_checkpoint(model, tokenizer, out: Path, max_length: int) -> Path:
         "max_length": max_length,
         "bigram_dim": model.bigram_dim,
         "bigram_zero_init": model.bigram_zero_init,
+        "window_dim": model.window_dim,
         "tasks": {n: t.model_dump(mode="json") for n, t in model.task_cfgs.items()},
     }
     (tmp / "mtl.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True))
@@ -82,7 +83,7 @@ def load_checkpoint(path: Path, tasks: dict[str, TaskConfig] | None = None, devi
     from tasks_mtl.ngrams import NgramTables
 
     model = MultiTaskModel(bert, tasks or saved, NgramTables.load(path), bigram_dim=meta.get("bigram_dim", 0),
-                           bigram_zero_init=meta.get("bigram_zero_init", False))
+                           bigram_zero_init=meta.get("bigram_zero_init", False), window_dim=meta.get("window_dim", 0))
     heads = load_file(str(path / "heads.safetensors"))
     own = model.state_dict()
     usable = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}

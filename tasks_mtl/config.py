@@ -49,6 +49,7 @@ class EncoderConfig(Strict):
     bigrams: bool | None = None  # char-bigram embeddings added to the input; None: on from scratch, off when pretrained
     bigram_dim: int = 64  # per bigram (left and right of a position, concatenated, projected to hidden)
     ngram_min_count: int = 2  # n-grams seen fewer times in the training text map to "unknown"
+    window_dim: int = 32  # width of each of the 10 window-feature slots that token tasks with window_features read
 
     def use_bigrams(self) -> bool:
         return self.bigrams if self.bigrams is not None else self.pretrained is None
@@ -62,6 +63,7 @@ class TaskConfig(Strict):
     labels: list[str] = Field(default_factory=list)  # classes, or entity/POS types of a token task
     scheme: TagScheme = "bio"  # tag scheme the task trains on; any input scheme is converted
     crf: bool = False  # token tasks: CRF layer over the emissions
+    window_features: bool = False  # token tasks: tag scores also read straight from the char window (CRF features)
     pooling: Literal["cls", "mean", "pair"] = "cls"  # sentence tasks: [CLS], masked mean, or pair (two segments compared)
     ngram_bag: int = 0  # sentence tasks: dim of a bag of char 1-3-gram embeddings beside the pooled vector (0 = off)
     output: Literal["spans", "words", "tagged_words"] = "spans"  # token tasks: shape of a prediction

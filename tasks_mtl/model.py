@@ -16,15 +16,17 @@ import torch
 from torch import nn
 
 from tasks_mtl.config import Config, TaskConfig
-from tasks_mtl.ngrams import BigramEmbedding, NgramTables, sparse_parameters
+from tasks_mtl.ngrams import BigramEmbedding, NgramTables, WindowFeatures, sparse_parameters
 from tasks_mtl.tasks import build_task
 
 
 def new_model(cfg: Config, tokenizer, ngrams: NgramTables | None) -> MultiTaskModel:
     """A fresh multi-task model for the run: its encoder, the configured heads, and the n-gram parts."""
     bigram_dim = cfg.encoder.bigram_dim if cfg.encoder.use_bigrams() else 0
+    window_dim = cfg.encoder.window_dim if any(t.window_features for t in cfg.tasks.values()) else 0
     return MultiTaskModel(new_encoder(cfg, len(tokenizer), tokenizer.pad_token_id), cfg.tasks, ngrams,
-                          bigram_dim=bigram_dim, bigram_zero_init=cfg.encoder.pretrained is not None)
+                          bigram_dim=bigram_dim, bigram_zero_init=cfg.encoder.pretrained is not None,
+                          window_dim=window_dim)
 
 
 def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
@@ -46,11 +48,12 @@ def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
 
 
 class MultiTaskModel(nn.Module):
-    """`ngrams` (token-id n-gram tables) feed the bigram embeddings (`bigram_dim` > 0) and the n-gram
-    bags of sentence heads; `bigram_zero_init` starts the bigram projection at zero (pretrained BERT)."""
+    """`ngrams` (token-id n-gram tables) feed the bigram embeddings (`bigram_dim` > 0), the n-gram
+    bags of sentence heads and the window features of token heads (`window_dim` > 0, one table shared
+    by those heads); `bigram_zero_init` starts the bigram projection at zero (pretrained BERT)."""
 
     def __init__(self, bert: nn.Module, tasks: dict[str, TaskConfig], ngrams: NgramTables | None = None,
-                 bigram_dim: int = 0, bigram_zero_init: bool = False):
+                 bigram_dim: int = 0, bigram_zero_init: bool = False, window_dim: int = 0):
         super().__init__()
         self.bert = bert
         self.task_cfgs = dict(tasks)
@@ -58,12 +61,18 @@ class MultiTaskModel(nn.Module):
         hidden = bert.config.hidden_size
         depth = bert.config.num_hidden_layers
         words = bert.embeddings.word_embeddings
-        if (bigram_dim or any(t.ngram_bag for t in tasks.values())) and ngrams is None:
-            raise ValueError("bigram embeddings and n-gram bags need the n-gram tables of the tokenize step")
+        window_dim = window_dim if any(t.window_features for t in tasks.values()) else 0
+        if (bigram_dim or window_dim or any(t.ngram_bag for t in tasks.values())) and ngrams is None:
+            raise ValueError("bigram embeddings, window features and n-gram bags need the n-gram tables of "
+                             "the tokenize step")
         self.ngrams = ngrams
         self.bigram_dim, self.bigram_zero_init = bigram_dim, bigram_zero_init
         self.bigrams = BigramEmbedding(ngrams, bigram_dim, hidden, bigram_zero_init) if bigram_dim else None
-        self.heads = nn.ModuleDict({n: t.build_head(hidden, words, ngrams) for n, t in self.task_types.items()})
+        self.window_dim = window_dim
+        self.window = WindowFeatures(ngrams, words.num_embeddings, window_dim) if window_dim else None
+        width = window_dim * WindowFeatures.SLOTS
+        self.heads = nn.ModuleDict({n: t.build_head(hidden, words, ngrams, window=width)
+                                    for n, t in self.task_types.items()})
         self.private = nn.ModuleDict({
             n: nn.ModuleList(copy.deepcopy(bert.encoder.layer[depth - t.soft_layers:]))
             for n, t in tasks.items() if t.sharing == "soft"
@@ -120,10 +129,16 @@ class MultiTaskModel(nn.Module):
         """The hidden states (B, T, H) the task's head reads."""
         return self.tasks_hidden([task], batch)[task]
 
+    def with_window(self, tasks: list[str], batch: dict) -> dict:
+        """The batch plus `window_features` (B, T, 10 D) when one of `tasks` reads them (computed once)."""
+        if self.window is None or not any(self.task_cfgs[t].window_features for t in tasks):
+            return batch
+        return batch | {"window_features": self.window(batch["input_ids"], batch["attention_mask"])}
+
     def logits(self, task: str, batch: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The task head's output on a batch (prediction)."""
         hidden = self.task_hidden(task, batch) if hidden is None else hidden
-        return self.task_types[task].logits(self.heads[task], hidden, batch)
+        return self.task_types[task].logits(self.heads[task], hidden, self.with_window([task], batch))
 
     def soft_penalty(self, task: str) -> torch.Tensor | None:
         """L2 distance of a soft-shared task's private layers from the shared ones, times soft_l2."""
@@ -144,6 +159,7 @@ class MultiTaskModel(nn.Module):
         A co-labelled batch carries `labels/<task>` per task (IGNORE where a row lacks that task's labels);
         a task with no label in the batch is left out of the result."""
         hidden = self.tasks_hidden(tasks, batch)
+        batch = self.with_window(tasks, batch)
         out = {}
         for task in tasks:
             task_batch = batch if len(tasks) == 1 else batch | {"labels": batch[f"labels/{task}"]}
@@ -163,7 +179,8 @@ class MultiTaskModel(nn.Module):
     def private_parameters(self) -> list[nn.Parameter]:
         """Parameters that take the weighted sum of the task gradients: heads, soft-sharing layers, and the
         sparse n-gram tables (too large to flatten into per-task gradient rows)."""
-        extra = sparse_parameters(self.bigrams) if self.bigrams is not None else []
+        extra = [*sparse_parameters(self.bigrams)] if self.bigrams is not None else []
+        extra += list(self.window.parameters()) if self.window is not None else []
         return [p for p in [*self.heads.parameters(), *self.private.parameters(), *extra] if p.requires_grad]
 
     def freeze(self, freeze_layers: int | str) -> None:
@@ -177,8 +194,8 @@ class MultiTaskModel(nn.Module):
                     p.requires_grad = False
         for p in [*self.heads.parameters(), *self.private.parameters()]:
             p.requires_grad = True
-        if self.bigrams is not None:  # new weights, never pretrained: nothing to protect
-            for p in self.bigrams.parameters():
+        for module in (self.bigrams, self.window):  # new weights, never pretrained: nothing to protect
+            for p in module.parameters() if module is not None else []:
                 p.requires_grad = True
 
     def encoder_layer_of(self, name: str) -> int:

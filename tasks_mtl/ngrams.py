@@ -10,6 +10,9 @@ sorted keys of the n-grams seen at least `min_count` times in the training text;
   and projected to the hidden size, added to the token embedding (zero-initialised projection on
   a pretrained BERT, so training starts from the checkpoint's function).
 - `NgramBag`: the mean embedding of a text's char 1..3-grams (a fastText-style bag), for sentence heads.
+- `WindowFeatures`: per position, the features a character CRF reads (the tokens at offsets -2..+2, the
+  four bigrams of that window and the centred trigram), each embedded; token heads read them through a
+  linear layer straight to their tag scores (a factorised log-linear tagger beside the encoder's path).
 
 The tables are large (10^5 rows) and a batch touches a few thousand rows, so their embeddings are
 sparse: `sparse_parameters()` lists them for a sparse optimizer; a dense AdamW step over them would
@@ -142,6 +145,56 @@ class NgramBag(nn.Module):
             total = total + emb(index)
             count = count + (index > 0).sum(1, keepdim=True)
         return self.dropout(total.sum(1) / count.clamp(min=1))  # (B, D)
+
+
+def at_offset(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, T, ...) -> (B, T, ...) with out[:, t] = values[:, t + k], zero where t + k falls outside."""
+    if k == 0:
+        return values
+    length = values.shape[1]
+    out = torch.zeros_like(values)
+    if abs(k) >= length:
+        return out
+    if k > 0:
+        out[:, : length - k] = values[:, k:]
+    else:
+        out[:, -k:] = values[:, : length + k]
+    return out
+
+
+class WindowFeatures(nn.Module):
+    """The CRF window of each position, embedded: (B, T) ids -> (B, T, 10 * dim).
+
+    Slots, in order: tokens at t-2..t+2, bigrams (t-2,t-1), (t-1,t), (t,t+1), (t+1,t+2), trigram
+    (t-1,t,t+1). Each slot is an embedding of its feature; padding contributes zeros, so a row's features
+    do not depend on how its batch was padded. Shared by the token heads, each of which maps the slots
+    to its tags with one linear layer."""
+
+    UNIGRAMS = (-2, -1, 0, 1, 2)
+    BIGRAM_ENDS = (-1, 0, 1, 2)  # the bigram that ends at t+k
+    SLOTS = len(UNIGRAMS) + len(BIGRAM_ENDS) + 1
+
+    def __init__(self, tables: NgramTables, vocab: int, dim: int):
+        super().__init__()
+        self.tables = [tables]
+        self.dim = dim
+        self.unigrams = nn.Embedding(vocab, dim, sparse=True)
+        self.bigrams = nn.Embedding(tables.size(2), dim, padding_idx=0, sparse=True)
+        self.trigrams = nn.Embedding(tables.size(3), dim, padding_idx=0, sparse=True)
+        with torch.no_grad():
+            for emb in (self.unigrams, self.bigrams, self.trigrams):
+                nn.init.normal_(emb.weight, std=0.1)
+            self.bigrams.weight[0].zero_()
+            self.trigrams.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        real = mask.bool()  # (B, T)
+        tokens = self.unigrams(ids) * real[..., None]  # (B, T, D)
+        bigrams = self.bigrams(self.tables[0].lookup(ids, 2) * real)  # bigram ending at t; 0 = unknown or padding
+        trigrams = self.trigrams(self.tables[0].lookup(ids, 3) * real)
+        slots = [at_offset(tokens, k) for k in self.UNIGRAMS] + [at_offset(bigrams, k) for k in self.BIGRAM_ENDS]
+        slots.append(at_offset(trigrams, 1))  # the trigram (t-1, t, t+1) ends at t+1
+        return torch.cat(slots, dim=-1)  # (B, T, 10 D)
 
 
 def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -72,11 +72,12 @@ def build_tokenizer(cfg: Config):
 
 
 def build_ngram_tables(cfg: Config, tokenizer):
-    """Bigrams of all training text (the encoder's bigram embeddings) and trigrams of the texts of tasks
-    with an n-gram bag (their heads), as token-id keys; None when no part of the model uses them."""
+    """Bigrams of all training text (the encoder's bigram embeddings, window features) and trigrams of the
+    texts of tasks with an n-gram bag or window features (their heads), as token-id keys; None when no part
+    of the model uses them."""
     from tasks_mtl.ngrams import NgramTables
 
-    bag_tasks = [n for n, t in cfg.tasks.items() if t.ngram_bag]
+    bag_tasks = [n for n, t in cfg.tasks.items() if t.ngram_bag or t.window_features]
     if not (cfg.encoder.use_bigrams() or bag_tasks):
         return None
     encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []

@@ -119,7 +119,7 @@ def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
 
 def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float) -> list[dict]:
     """Encoder parameters by depth (layer-wise LR decay from the top; bigram embeddings sit with the
-    embeddings), then heads and soft layers, with n-gram bags at their own rate. The encoder's groups
+    embeddings), then heads and soft layers, with n-gram bags and window features at their own rate. The encoder's groups
     come first, so group 0 carries the encoder's top learning rate when the encoder trains."""
     groups: dict[tuple[str, float, float], list] = {}
     sparse = {id(p) for p in sparse_parameters(model)}
@@ -139,6 +139,8 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
             add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
     for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
         add("heads", stage.ngram_lr if ".bag." in f".{name}" else stage.head_lr, p)
+    for p in model.window.parameters() if model.window is not None else []:
+        add("heads", stage.ngram_lr, p)
     ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "encoder", item[0][0], -item[0][1]))
     return [{"params": ps, "lr": lr, "weight_decay": wd, "name": kind} for (kind, lr, wd), ps in ordered]
 

@@ -77,7 +77,8 @@ class ClassificationTask:
 
         return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
-    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams: NgramTables | None = None) -> nn.Module:
+    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams: NgramTables | None = None,
+                   window: int = 0) -> nn.Module:
         bag = NgramBag(ngrams, word_embeddings.num_embeddings, self.cfg.ngram_bag) if self.cfg.ngram_bag else None
         return ClassificationHead(hidden, len(self.labels), self.cfg.pooling, bag)
 

@@ -40,7 +40,7 @@ class MaskedLMTask:
 
         return DataCollatorForLanguageModeling(tokenizer, mlm_probability=MASK_PROBABILITY, seed=seed, return_tensors="pt")
 
-    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams=None) -> nn.Module:
+    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams=None, window: int = 0) -> nn.Module:
         return MaskedLMHead(hidden, word_embeddings)
 
     def logits(self, head: MaskedLMHead, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -38,12 +38,15 @@ def pack_first_pieces(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 
 
 class TokenHead(nn.Module):
-    """Linear emissions per token, optionally decoded by a linear-chain CRF."""
+    """Linear emissions per token, optionally decoded by a linear-chain CRF. With `window` (the width of the
+    model's window features, tasks_mtl.ngrams.WindowFeatures) a second linear layer adds tag scores read
+    straight from the token's character window, as a CRF's feature weights do."""
 
-    def __init__(self, hidden: int, num_tags: int, crf: bool, dropout: float = 0.1):
+    def __init__(self, hidden: int, num_tags: int, crf: bool, window: int = 0, dropout: float = 0.1):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.emit = nn.Linear(hidden, num_tags)
+        self.wide = nn.Linear(window, num_tags, bias=False) if window else None
         if crf:
             from torchcrf import CRF
 
@@ -51,8 +54,11 @@ class TokenHead(nn.Module):
         else:
             self.crf = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, C)
-        return self.emit(self.dropout(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:  # (B, T, H) -> (B, T, C)
+        emissions = self.emit(self.dropout(hidden_states))
+        if self.wide is not None:
+            emissions = emissions + self.wide(batch["window_features"].to(emissions.dtype))
+        return emissions
 
 
 class TokenClassificationTask:
@@ -76,14 +82,14 @@ class TokenClassificationTask:
 
         return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE, return_tensors="pt")
 
-    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams=None) -> nn.Module:
-        return TokenHead(hidden, len(self.labels), self.cfg.crf)
+    def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams=None, window: int = 0) -> nn.Module:
+        return TokenHead(hidden, len(self.labels), self.cfg.crf, window if self.cfg.window_features else 0)
 
     def logits(self, head: TokenHead, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:
-        return head(hidden_states)  # (B, T, C)
+        return head(hidden_states, batch)  # (B, T, C)
 
     def loss(self, head: TokenHead, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        emissions = head(hidden_states).float()  # (B, T, C)
+        emissions = head(hidden_states, batch).float()  # (B, T, C)
         labels = batch["labels"]  # (B, T)
         if not bool((labels != IGNORE).any()):  # no tagged token (e.g. a window of specials only)
             return emissions.sum() * 0.0, emissions
@@ -93,5 +99,6 @@ class TokenClassificationTask:
         packed, mask = pack_first_pieces(emissions, labels)  # (B, W, C), (B, W)
         tags, _ = pack_first_pieces(labels.unsqueeze(-1), labels)
         tags = tags.squeeze(-1).clamp(min=0)  # (B, W); padded slots are masked out
-        loss = -head.crf(packed, tags, mask=mask, reduction="token_mean")
+        rows = mask[:, 0]  # rows with a tagged token: a co-labelled batch may lack this task's labels on some
+        loss = -head.crf(packed[rows], tags[rows], mask=mask[rows], reduction="token_mean")
         return loss, emissions

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks_mtl.ngrams import BigramEmbedding, NgramBag, NgramTables, ngram_keys
+from tasks_mtl.ngrams import BigramEmbedding, NgramBag, NgramTables, WindowFeatures, at_offset, ngram_keys
 from tasks_mtl.sampling import BatchOrder, build_sampler, length_batches
 from tasks_mtl.train import co_labelled_collator, co_labelled_groups, merge_features
 
@@ -54,6 +54,82 @@ def test_ngram_bag_ignores_padding():
     short = bag(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 1]]))
     padded = bag(torch.tensor([[1, 2, 3, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]]))
     torch.testing.assert_close(short, padded)
+
+
+def test_at_offset_reads_the_value_k_positions_away():
+    values = torch.tensor([[1, 2, 3, 4]])
+    assert at_offset(values, 2).tolist() == [[3, 4, 0, 0]]
+    assert at_offset(values, -1).tolist() == [[0, 1, 2, 3]]
+    assert at_offset(values, 0).tolist() == [[1, 2, 3, 4]] and at_offset(values, 9).tolist() == [[0, 0, 0, 0]]
+
+
+def _window(dim: int = 3) -> WindowFeatures:
+    sequences = [[1, 2, 3, 4, 5, 6, 7, 8]] * 2
+    torch.manual_seed(0)
+    return WindowFeatures(NgramTables.build(sequences, vocab=10, min_count=2), vocab=10, dim=dim)
+
+
+def test_window_features_read_two_tokens_each_side_and_nothing_further():
+    window = _window()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    base = window(ids, mask)  # (1, 8, 30)
+    assert base.shape == (1, 8, WindowFeatures.SLOTS * 3)
+    t = 3
+    for moved in range(8):
+        changed = ids.clone()
+        changed[0, moved] = 9  # an unseen token: every n-gram through it becomes unknown
+        differs = not torch.equal(window(changed, mask)[0, t], base[0, t])
+        assert differs == (abs(moved - t) <= 2), moved
+    slots = base[0, t].view(WindowFeatures.SLOTS, 3)
+    assert torch.equal(slots[2], window.unigrams.weight[4])  # slot 2: the token itself (id 4)
+    assert torch.equal(slots[0], window.unigrams.weight[2])  # slot 0: two to the left (id 2)
+    bigram_34 = window.tables[0].lookup(torch.tensor([[3, 4]]), 2)[0, 1]
+    assert bigram_34 > 0 and torch.equal(slots[6], window.bigrams.weight[bigram_34])  # (t-1, t)
+    trigram_345 = window.tables[0].lookup(torch.tensor([[3, 4, 5]]), 3)[0, 2]
+    assert trigram_345 > 0 and torch.equal(slots[9], window.trigrams.weight[trigram_345])
+
+
+def test_window_features_do_not_depend_on_padding():
+    window = _window()
+    short = torch.tensor([[1, 2, 3, 4]])
+    padded = torch.tensor([[1, 2, 3, 4, 0, 0], [1, 2, 3, 4, 5, 6]])
+    alone = window(short, torch.ones_like(short))
+    in_batch = window(padded, torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6]))
+    assert torch.equal(in_batch[0, :4], alone[0])
+    assert not torch.equal(in_batch[1, 3], alone[0, 3])  # there the right neighbours are real tokens
+
+
+def test_token_batches_with_window_features_gain_a_direct_path_per_head(tiny_tokenized, tmp_path):
+    from tasks_mtl.model import new_model
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+    from tasks_mtl.train import StreamData, load_features
+
+    cfg = tiny_tokenized
+    tasks = {n: t.model_copy(update={"window_features": True}) if t.type == "token_classification" else t
+             for n, t in cfg.tasks.items()}
+    cfg = cfg.model_copy(update={"tasks": tasks})
+    tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
+    model = new_model(cfg, tokenizer, NgramTables.load(cfg.path(cfg.data.tokenized_dir)))
+    assert model.window is not None and model.heads["ner"].wide is not None
+    assert model.heads["sentiment"].__class__.__name__ == "ClassificationHead"
+    data = StreamData(["ner"], load_features(cfg, "ner"), model.task_types["ner"].collator(tokenizer), cfg, seed=0)
+    batch = data.next_batch(torch.device("cpu"))
+    loss, _ = model("ner", batch)
+    loss.backward()
+    assert model.window.unigrams.weight.grad is not None and model.heads["ner"].wide.weight.grad is not None
+    window_ids = {id(p) for p in model.window.parameters()}
+    assert window_ids <= {id(p) for p in model.private_parameters()}  # sparse: summed, not surgery rows
+    assert not window_ids & {id(p) for p in model.shared_parameters()}
+
+    from tasks_mtl.checkpoint import load_checkpoint, save_checkpoint
+
+    model.eval()
+    saved = save_checkpoint(model, tokenizer, tmp_path / "ckpt", max_length=64)
+    again, _, meta = load_checkpoint(saved)
+    assert meta["window_dim"] == cfg.encoder.window_dim
+    with torch.no_grad():
+        assert torch.equal(again.eval().logits("ner", batch), model.logits("ner", batch))
 
 
 def test_token_budget_batches_respect_the_budget_and_cover_every_row():
@@ -132,6 +208,28 @@ def test_one_encoding_gives_the_same_losses_as_one_pass_per_task(tiny_tokenized)
     torch.testing.assert_close(together["cws"][0], alone_cws)
     only_ner = batch | {"labels/cws": torch.full_like(batch["labels/cws"], IGNORE)}
     assert set(model.forward_tasks(["ner", "cws"], only_ner)) == {"ner"}  # no cws label: no cws loss
+
+
+def test_crf_heads_take_co_labelled_batches_where_some_rows_lack_their_labels(tiny_tokenized):
+    from tasks_mtl.model import new_model
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+    from tasks_mtl.train import load_features
+
+    cfg = tiny_tokenized
+    tasks = {n: t.model_copy(update={"crf": True}) if n in ("ner", "cws") else t for n, t in cfg.tasks.items()}
+    cfg = cfg.model_copy(update={"tasks": tasks})
+    tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = new_model(cfg, tokenizer, NgramTables.load(cfg.path(cfg.data.tokenized_dir))).eval()
+    ner = load_features(cfg, "ner")[:4]
+    cws = [f | {"labels": [IGNORE if l == IGNORE else i % 4 for i, l in enumerate(f["labels"])]} for f in ner[:2]]
+    rows = merge_features(["ner", "cws"], {"ner": ner, "cws": cws})  # rows 2-3 carry no cws label
+    batch = co_labelled_collator(tokenizer, ["ner", "cws"])(rows)
+    assert bool((batch["labels/cws"][2:] == IGNORE).all())
+    together = model.forward_tasks(["ner", "cws"], batch)
+    alone, _ = model("cws", {k: v[:2] for k, v in batch.items()} | {"labels": batch["labels/cws"][:2]})
+    torch.testing.assert_close(together["cws"][0], alone)  # the unlabelled rows add nothing
+    assert torch.isfinite(together["ner"][0])
 
 
 def test_fixed_shares_sum_over_a_streams_tasks():
