@@ -99,10 +99,14 @@ def _default_tasks() -> dict[str, TaskConfig]:
     return {
         "sentiment": TaskConfig(type="classification", bundled="sentiment", labels=["negative", "positive"],
                                 pooling="mean", ngram_bag=64),
-        "ner": TaskConfig(type="token_classification", bundled="ner", labels=["PER", "LOC", "ORG"], scheme="bio"),
-        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", output="words"),
+        # token tasks: the CRF's own features beside the encoder, and a CRF over the tags (ablation, 600 steps
+        # of ner+cws: F1 0.624/0.865 without either, 0.721/0.920 with window features, 0.774/0.926 with both)
+        "ner": TaskConfig(type="token_classification", bundled="ner", labels=["PER", "LOC", "ORG"], scheme="bio",
+                          window_features=True, crf=True),
+        "cws": TaskConfig(type="token_classification", bundled="cws", scheme="bmes", output="words",
+                          window_features=True, crf=True),
         "pos": TaskConfig(type="token_classification", bundled="pos", labels=PEOPLES_DAILY_POS, scheme="bio",
-                          output="tagged_words"),
+                          output="tagged_words", window_features=True, crf=True),
         "nsp": TaskConfig(type="pair_classification", bundled="nsp", labels=["not_next", "is_next"], pooling="pair",
                           ngram_bag=32),
         "mlm": TaskConfig(type="mlm", bundled="mlm"),
