@@ -17,7 +17,9 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task Chinese BERT: data, training, gates, registry.")
 console = Console()
 
-ParamsOpt = Annotated[Path, typer.Option("--params", help="run configuration (DVC params file)")]
+ParamsOpt = Annotated[Path | None, typer.Option(
+    "--params", help="run configuration (DVC params file); default: ./params.yaml when there is one")]
+DEFAULT_PARAMS = Path("params.yaml")
 ProfileOpt = Annotated[str | None, typer.Option("--profile", help="profile in params.yaml: quick, default, gpu")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-S", help="override KEY=VALUE (dotted key, YAML value)")]
 
@@ -35,9 +37,20 @@ def _overrides(items: list[str] | None) -> dict:
     return pairs
 
 
-def _config(params: Path, profile: str | None, overrides: list[str] | None = None):
+def _params_file(params: Path | None) -> Path | None:
+    """The params file a command reads: the one named (it must exist), else ./params.yaml if present,
+    else None (the code defaults)."""
+    if params is not None:
+        if not params.is_file():
+            _fail(f"params file {params} not found")
+        return params
+    return DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None
+
+
+def _config(params: Path | None, profile: str | None, overrides: list[str] | None = None):
     from tasks_mtl.config import load_config
 
+    params = _params_file(params)
     try:
         return load_config(params, profile=profile, overrides=_overrides(overrides))
     except ValueError as err:  # pydantic's ValidationError is a ValueError
@@ -72,7 +85,7 @@ def ingest(
 
 
 @app.command()
-def validate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+def validate(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     """Check every task's data with Great Expectations; exit 1 and name each failure when any fails."""
     from tasks_mtl.validation import validate as run_validate
 
@@ -84,7 +97,7 @@ def validate(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
 
 @app.command()
-def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+def prepare(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     """Build per-task train/validation/test splits (deduplicated, conflicts dropped) outside data/."""
     from tasks_mtl.data.prepare import prepare as run_prepare
 
@@ -94,7 +107,7 @@ def prepare(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None,
 
 
 @app.command()
-def tokenize(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+def tokenize(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     """Build (or load) the tokenizer and tokenize every task's splits into an Arrow cache."""
     from tasks_mtl.tokenization import tokenize as run_tokenize
 
@@ -105,7 +118,7 @@ def tokenize(params: ParamsOpt = Path("params.yaml"), profile: ProfileOpt = None
 
 @app.command()
 def train(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     stage: Annotated[str | None, typer.Option(help="run only this stage (its input is the previous stage's checkpoint)")] = None,
@@ -120,7 +133,7 @@ def train(
 
 @app.command()
 def evaluate(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the last stage's)")] = None,
@@ -139,7 +152,7 @@ def predict(
     input: Annotated[Path, typer.Option("--input", help="JSONL, one {\"text\": ...} per line")],
     output: Annotated[Path, typer.Option("--output", help="JSONL with one key per task added")],
     model: Annotated[str | None, typer.Option(help="checkpoint dir or models:/ URI (default: the champion)")] = None,
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
     batch_size: int = 32,
 ) -> None:
     """Predict every task for each input line."""
@@ -155,7 +168,7 @@ def predict(
 
 @app.command()
 def pipeline(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -163,7 +176,8 @@ def pipeline(
     from flows.retrain import run_local
 
     cfg = _config(params, profile, set_)  # fails fast on a bad configuration, before Prefect starts
-    result = run_local(cfg, params=params.resolve(), profile=profile, overrides=_overrides(set_))
+    params = _params_file(params)
+    result = run_local(cfg, params=params.resolve() if params else None, profile=profile, overrides=_overrides(set_))
     _print_metrics(result["metrics"])
     _print_gates(result["gates"])
     if result.get("error"):
@@ -171,7 +185,7 @@ def pipeline(
 
 
 @app.command()
-def models(params: ParamsOpt = Path("params.yaml")) -> None:
+def models(params: ParamsOpt = None) -> None:
     """List registered versions with aliases and key metrics."""
     from rich.table import Table
 
@@ -191,7 +205,7 @@ def models(params: ParamsOpt = Path("params.yaml")) -> None:
 def promote(
     version: int,
     reason: Annotated[str, typer.Option(help="why (recorded as a tag)")] = "manual promotion",
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
 ) -> None:
     """Move `champion` to VERSION by hand (recorded with who and why)."""
     from tasks_mtl.registry import promote as run_promote
@@ -204,7 +218,7 @@ def promote(
 @app.command()
 def rollback(
     reason: Annotated[str, typer.Option(help="why (recorded as a tag)")] = "manual rollback",
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
 ) -> None:
     """Move `champion` back to the version that held it before the current one."""
     from tasks_mtl.registry import rollback as run_rollback
@@ -216,7 +230,7 @@ def rollback(
 
 @app.command()
 def compare(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     metrics: Annotated[Path | None, typer.Option(
@@ -289,7 +303,7 @@ def main() -> None:
 
     try:
         app()
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, LookupError, OSError) as err:
         if os.environ.get("MTL_DEBUG"):
             raise
         console.print(f"[red]error:[/red] {err}")

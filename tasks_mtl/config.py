@@ -281,7 +281,8 @@ def load_config(
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
-    """Build the run configuration from params.yaml, a profile and dotted-key overrides.
+    """Build the run configuration from params.yaml, a profile and dotted-key overrides. A params file
+    that is named must exist; `params=None` starts from the code defaults.
 
     The profile comes from the argument, else $MTL_PROFILE, else `profile:` in params.yaml.
     Task entries in params.yaml merge into the default tasks of the same name; `tasks_replace:
@@ -289,7 +290,9 @@ def load_config(
     """
     raw: dict = {}
     root = Path.cwd()
-    if params is not None and Path(params).exists():
+    if params is not None and not Path(params).is_file():
+        raise FileNotFoundError(f"params file {params} not found")
+    if params is not None:
         raw = yaml.safe_load(Path(params).read_text(encoding="utf-8")) or {}
         root = Path(params).resolve().parent
     profiles = raw.pop("profiles", {}) or {}

@@ -199,7 +199,12 @@ def promote(cfg: Config, version: int, reason: str, who: str | None = None) -> N
     """Make `version` the champion; record who, why, when, and which version it replaced."""
     mlflow_client = _client(cfg)
     name = cfg.registry.model_name
-    mlflow_client.get_model_version(name, str(version))  # fails clearly for an unknown version
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LookupError(f"{name} has no version {version}; `mtl models` lists the versions") from None
     previous = _version_by_alias(cfg, CHAMPION)
     if previous is not None and int(previous.version) == int(version):
         return  # already champion; keep the history it has

@@ -97,6 +97,35 @@ def test_register_promote_rollback(mlflow_cfg, fake_checkpoint):
     assert client.get_model_version(cfg.registry.model_name, "2").tags["rolled_back_reason"] == "bad outputs"
     with pytest.raises(LookupError):  # version 1 replaced nobody
         registry.rollback(cfg, reason="again")
+    with pytest.raises(LookupError, match="has no version 99"):
+        registry.promote(cfg, 99, reason="typo")
+
+
+def test_cli_expected_failures_end_in_one_line(mlflow_cfg, tmp_path):
+    import subprocess
+    import sys
+
+    import os
+
+    mtl = [sys.executable, "-c", "from tasks_mtl.cli import main; main()"]
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    params = str(project / "params.yaml")
+    (project / "params.yaml").write_text("seed: 1\n")
+    for args, message in [
+        (["promote", "99", "--params", params], "has no version 99"),
+        (["rollback", "--params", params], "no champion to roll back from"),
+        (["validate", "--params", str(project / "typo.yaml")], "typo.yaml not found"),
+        (["models", "--params", str(project / "typo.yaml")], "typo.yaml not found"),
+        (["pipeline", "--params", "typo.yaml"], "typo.yaml not found"),
+    ]:
+        done = subprocess.run([*mtl, *args], capture_output=True, text=True, cwd=elsewhere, timeout=120,
+                              env=os.environ | {"COLUMNS": "200"})
+        out = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode != 0 and message in out, (args, out)
+        assert "Traceback" not in out and len(done.stdout.strip().splitlines()) == 1, out  # stderr: MLflow's own log
+    assert not any(elsewhere.iterdir())  # nothing is created where the command was run
 
 
 def test_resolve_model_dir(mlflow_cfg, fake_checkpoint):
