@@ -137,14 +137,18 @@ def evaluate(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     checkpoint: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the last stage's)")] = None,
-    split: str = "test",
+    split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
 ) -> None:
-    """Evaluate every task on a split; write reports/metrics.json."""
-    from tasks_mtl.evaluate import evaluate_to_report
+    """Evaluate every task on a split; write reports/metrics.json (test) or reports/metrics_<split>.json."""
+    from tasks_mtl.evaluate import evaluate_to_report, report_path
 
     cfg = _config(params, profile, set_)
+    try:
+        report_path(cfg, split)
+    except ValueError as err:
+        _fail(str(err), code=2)
     metrics = evaluate_to_report(cfg, checkpoint, split=split)
-    _print_metrics(metrics)
+    _print_metrics(metrics, split)
 
 
 @app.command()
@@ -273,10 +277,10 @@ def compare(
                   f"not on: {', '.join(t for t in tasks if t not in beats) or 'none'}")
 
 
-def _print_metrics(metrics: dict[str, dict[str, float]]) -> None:
+def _print_metrics(metrics: dict[str, dict[str, float]], split: str = "test") -> None:
     from rich.table import Table
 
-    table = Table(title="test metrics per task")
+    table = Table(title=f"{split} metrics per task")
     table.add_column("task")
     table.add_column("metrics")
     for task, values in metrics.items():

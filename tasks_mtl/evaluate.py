@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks_mtl.config import Config, TaskConfig
+from tasks_mtl.config import SPLITS, Config, TaskConfig
 from tasks_mtl.predict import Predictor, lenient_spans
 
 PER_TYPE_LIMIT = 10  # report F1 per type only for tasks with few types (NER, not the 44 POS tags)
@@ -115,10 +115,17 @@ def final_checkpoint(cfg: Config) -> Path:
     return stage_dir(cfg, len(cfg.training.stages) - 1)
 
 
+def report_path(cfg: Config, split: str) -> Path:
+    """reports/metrics.json for the test split (the DVC metric the gates read), metrics_<split>.json else."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return cfg.path(cfg.reports_dir) / ("metrics.json" if split == "test" else f"metrics_{split}.json")
+
+
 def evaluate_to_report(cfg: Config, checkpoint: Path | None = None, split: str = "test") -> dict:
-    """Evaluate and write reports/metrics.json ({task: {metric: value}})."""
+    """Evaluate and write the split's report ({task: {metric: value}}, see `report_path`)."""
+    out = report_path(cfg, split)
     metrics = evaluate(cfg, checkpoint or final_checkpoint(cfg), split)
-    out = cfg.path(cfg.reports_dir) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     rounded = {t: {k: round(v, 6) for k, v in m.items()} for t, m in metrics.items()}
     out.write_text(json.dumps(rounded, indent=2, sort_keys=True) + "\n")

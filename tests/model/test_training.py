@@ -152,6 +152,13 @@ def test_cli_train_then_evaluate_end_to_end(tiny_cfg, monkeypatch):
     assert {"accuracy", "macro_f1"} <= set(metrics["sentiment"])
     assert {"f1", "f1_PER", "precision", "recall"} <= set(metrics["ner"])
     assert {"accuracy", "perplexity"} <= set(metrics["mlm"])
+    result = runner.invoke(app, ["evaluate", "--split", "validation"], catch_exceptions=False)
+    assert result.exit_code == 0 and "validation metrics per task" in result.output
+    on_validation = json.loads((tiny_cfg.root / "reports" / "metrics_validation.json").read_text())
+    assert set(on_validation) == set(tiny_cfg.tasks)
+    assert json.loads((tiny_cfg.root / "reports" / "metrics.json").read_text()) == metrics  # test report untouched
+    result = runner.invoke(app, ["evaluate", "--split", "dev"])
+    assert result.exit_code == 2 and "unknown split 'dev'" in result.output
     losses = tiny_cfg.root / "reports" / "losses"
     assert {p.stem for p in losses.glob("*.csv")} == set(tiny_cfg.tasks)
     # predict on the last checkpoint through the CLI
