@@ -17,6 +17,31 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multi-task Chinese BERT: data, training, gates, registry.")
 console = Console()
 
+# What `make run` exports, set by the CLI itself so that `mtl ...` behaves the same whoever calls it
+# (a value already in the environment wins).
+QUIET_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
+
+
+@app.callback()
+def _environment() -> None:
+    import os
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _prefect_home(cfg) -> None:
+    """Prefect keeps its database in the project (.prefect next to params.yaml), not in ~/.prefect."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str(cfg.root / ".prefect"))
+
+
 ParamsOpt = Annotated[Path | None, typer.Option(
     "--params", help="run configuration (DVC params file); default: ./params.yaml when there is one")]
 DEFAULT_PARAMS = Path("params.yaml")
@@ -177,10 +202,11 @@ def pipeline(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole retraining flow locally: validate -> prepare -> tokenize -> train -> evaluate -> gates -> registry."""
-    from flows.retrain import run_local
-
     cfg = _config(params, profile, set_)  # fails fast on a bad configuration, before Prefect starts
     params = _params_file(params)
+    _prefect_home(cfg)
+    from flows.retrain import run_local
+
     result = run_local(cfg, params=params.resolve() if params else None, profile=profile, overrides=_overrides(set_))
     _print_metrics(result["metrics"])
     _print_gates(result["gates"])

@@ -156,3 +156,21 @@ def test_pyfunc_returns_prediction_records(mlflow_cfg, fake_checkpoint):
     json.dumps(out, ensure_ascii=False)  # what `mlflow models serve` has to do
     only_text = model.predict(pd.DataFrame({"text": ["好"]}))
     assert only_text[0]["sentiment"]["label"] == "positive"
+
+
+def test_cli_sets_the_environment_make_run_sets(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "MLFLOW_DISABLE_TELEMETRY",
+                                                            "PREFECT_SERVER_ANALYTICS_ENABLED", "DVC_NO_ANALYTICS")}
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    code = ("import os, sys; from tasks_mtl import cli; import flows.retrain as r\n"
+            "r.run_local = lambda cfg, **kw: print('ENV', os.environ['PREFECT_HOME'], os.environ['MLFLOW_DISABLE_TELEMETRY'],"
+            " os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'], os.environ['DVC_NO_ANALYTICS']) or sys.exit(0)\n"
+            "sys.argv = ['mtl', 'pipeline']; cli.main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("ENV"))
+    assert line.split()[1:] == [str(tmp_path.resolve() / ".prefect"), "true", "false", "1"], done.stdout + done.stderr
