@@ -79,8 +79,20 @@ def _config(params: Path | None, profile: str | None, overrides: list[str] | Non
     try:
         return load_config(params, profile=profile, overrides=_overrides(overrides))
     except ValueError as err:  # pydantic's ValidationError is a ValueError
-        console.print(f"[red]configuration error[/red] in {params}: {err}")
+        console.print(f"[red]configuration error[/red] in {params or 'the defaults'}: {_one_line(err)}")
         raise typer.Exit(2) from None
+
+
+def _one_line(err: Exception) -> str:
+    """A pydantic ValidationError as `where: what; ...` (no input dump, no URL); other errors as they are."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return str(err)
+    parts = []
+    for e in errors():
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts).replace("Value error, ", "")
 
 
 def _fail(message: str, code: int = 1) -> None:

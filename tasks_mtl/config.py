@@ -242,6 +242,26 @@ class Config(Strict):
             pretrained = pretrained or is_pretraining(stage, self.tasks)
         return self
 
+    @model_validator(mode="after")
+    def _names(self) -> Config:
+        """Weighting and sampler names and gate tasks are checked when the config loads, not after a stage."""
+        from tasks_mtl.sampling import SAMPLERS
+        from tasks_mtl.weighting import WEIGHTINGS
+
+        for stage in self.training.stages or []:
+            if stage.weighting not in WEIGHTINGS:
+                raise ValueError(f"stage {stage.name!r}: unknown weighting {stage.weighting!r}; "
+                                 f"choose one of {', '.join(sorted(WEIGHTINGS))}")
+            if stage.sampler not in SAMPLERS:
+                raise ValueError(f"stage {stage.name!r}: unknown sampler {stage.sampler!r}; "
+                                 f"choose one of {', '.join(sorted(SAMPLERS))}")
+        absent = sorted(set(self.gates.thresholds) - set(self.tasks))
+        if absent and "thresholds" not in self.gates.model_fields_set:  # the code defaults follow the task set
+            self.gates.thresholds = {t: v for t, v in self.gates.thresholds.items() if t in self.tasks}
+        elif absent:
+            raise ValueError(f"gates.thresholds names task(s) {absent} that the run does not train")
+        return self
+
     def path(self, p: Path | str) -> Path:
         """Resolve a configured path against the run root."""
         p = Path(p)
@@ -300,10 +320,17 @@ def load_config(
     raw.pop("profile", None)
     if chosen != "default" and chosen not in profiles:
         raise ValueError(f"unknown profile {chosen!r}; params.yaml defines {sorted(profiles) or 'none'}")
-    merged = deep_merge(raw, profiles.get(chosen, {}) or {})
+    profile_tree = copy.deepcopy(profiles.get(chosen, {}) or {})
+    dropped = [name for name, spec in (raw.get("tasks") or {}).items() if spec is None]
+    for name in dropped:  # `nsp: null` at the top level is not undone by the profile's own `nsp:` entry
+        (profile_tree.get("tasks") or {}).pop(name, None)
+    merged = deep_merge(raw, profile_tree)
     overrides = dict(overrides or {})
     indexed = {k: overrides.pop(k) for k in list(overrides) if any(part.isdigit() for part in k.split("."))}
     merged = deep_merge(merged, _dotted(overrides))
+    dropped += [name for name, spec in (merged.get("tasks") or {}).items() if spec is None]
+    for name in dropped:  # a dropped task takes the thresholds written for it along
+        ((merged.get("gates") or {}).get("thresholds") or {}).pop(name, None)
 
     base = Config().model_dump(mode="python")
     base["training"]["stages"] = None  # resolved after the merge, by whether the encoder is pretrained
@@ -319,6 +346,9 @@ def load_config(
             base["tasks"][name] = deep_merge(base["tasks"][name], spec)
         else:
             base["tasks"][name] = spec
+    # The default gates follow the task set: a dropped task takes its default thresholds with it. Thresholds
+    # that params.yaml names for a task that is not configured are an error (Config._gates).
+    base["gates"]["thresholds"] = {t: v for t, v in base["gates"]["thresholds"].items() if t in base["tasks"]}
     # Lists (stages) replace as a whole; dicts merge.
     full = deep_merge(base, merged)
     if "root" in merged:
