@@ -93,7 +93,7 @@ def gate_summary(result: dict[str, Any]) -> str:
 
 
 def write_gates(cfg: Config, result: dict[str, Any]) -> Path:
-    """Write reports/gates.json (the contract of ARCHITECTURE.md) and return its path."""
+    """Write reports/gates.json (its format: README, "Scheduled retraining you can watch") and return its path."""
     out = cfg.path(cfg.reports_dir) / "gates.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

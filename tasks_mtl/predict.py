@@ -130,7 +130,7 @@ class Predictor:
     # -- records ------------------------------------------------------------------------------------
 
     def predict(self, texts: list[str], text_pairs: list[str | None] | None = None) -> list[dict[str, Any]]:
-        """The records of ARCHITECTURE.md: `text` (and `text_pair`) plus one key per task."""
+        """The records of the README (`mtl predict`): `text` (and `text_pair`) plus one key per task."""
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise PredictionInputError(f"record {i}: `text` must be a non-empty string, got {text!r}")

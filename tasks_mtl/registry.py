@@ -62,7 +62,7 @@ def _plain(value: Any) -> Any:
 
 class MtlPyfuncModel(mlflow.pyfunc.PythonModel):
     """pyfunc face of a checkpoint: a DataFrame with `text` (and optional `text_pair`) in,
-    the prediction records of ARCHITECTURE.md out (one dict per row)."""
+    the prediction records of the README (`mtl predict`) out (one dict per row)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self._predictor = _load_predictor(Path(context.artifacts[CHECKPOINT_ARTIFACT]))

