@@ -1,7 +1,8 @@
 """Multi-task gain (delta-m): the multi-task model against one single-task model per task, same budget.
 
 Each single-task run keeps the stage list (steps, learning rates, freezing) but trains one task, so
-its optimizer sees the same number of steps; all share the prepared data and tokenizer.
+its optimizer sees the same number of steps; all share the prepared data and tokenizer. Finished
+stages are reused (their done.json matches), so a rerun after an interruption only evaluates.
 Prints one JSON line: {"profile", "delta_m": {task: %}, "mean_delta_m", "multi_task", "single_task", "seconds"}.
 
     python benchmarks/mtl_gain.py --profile quick
@@ -46,7 +47,9 @@ def main() -> None:
         cfg = load_config(args.params, profile=args.profile, overrides={
             "training.output_dir": str(out / f"single-{task}"), "training.stages": stages})
         print(f"{task}: single-task run of {sum(s['steps'] for s in stages)} steps", file=sys.stderr, flush=True)
-        single[task] = evaluate(cfg, train_all(cfg))[task]
+        alone = cfg.model_copy(update={"tasks": {task: cfg.tasks[task]}})  # score only the task it trained
+        single[task] = evaluate(alone, train_all(cfg))[task]
+        print(f"{task}: single {json.dumps(single[task])}; multi {json.dumps(multi[task])}", file=sys.stderr, flush=True)
     gains = multi_task_gain(multi, single, tuple(base.gates.lower_is_better))
     print(json.dumps({
         "profile": args.profile, "steps": [s.steps for s in base.training.stages],
