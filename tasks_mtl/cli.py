@@ -214,8 +214,8 @@ def pipeline(
     set_: SetOpt = None,
 ) -> None:
     """Run the whole retraining flow locally: validate -> prepare -> tokenize -> train -> evaluate -> gates -> registry."""
-    cfg = _config(params, profile, set_)  # fails fast on a bad configuration, before Prefect starts
     params = _params_file(params)
+    cfg = _config(params, profile, set_)  # fails fast on a bad configuration, before Prefect starts
     _prefect_home(cfg)
     from flows.retrain import run_local
 

@@ -31,6 +31,12 @@ PEOPLES_DAILY_POS = [
 ]
 
 
+# The names of tasks_mtl.weighting.WEIGHTINGS, kept here so that loading a config does not import torch
+# (tests/code/test_config.py checks that both agree).
+WEIGHTING_NAMES = ("equal", "static", "uncertainty", "dwa", "rlw", "gradnorm", "pcgrad", "cagrad", "imtl_g",
+                   "nash_mtl", "famo")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -245,13 +251,12 @@ class Config(Strict):
     @model_validator(mode="after")
     def _names(self) -> Config:
         """Weighting and sampler names and gate tasks are checked when the config loads, not after a stage."""
-        from tasks_mtl.sampling import SAMPLERS
-        from tasks_mtl.weighting import WEIGHTINGS
+        from tasks_mtl.sampling import SAMPLERS  # numpy only; the weighting registry would import torch
 
         for stage in self.training.stages or []:
-            if stage.weighting not in WEIGHTINGS:
+            if stage.weighting not in WEIGHTING_NAMES:
                 raise ValueError(f"stage {stage.name!r}: unknown weighting {stage.weighting!r}; "
-                                 f"choose one of {', '.join(sorted(WEIGHTINGS))}")
+                                 f"choose one of {', '.join(sorted(WEIGHTING_NAMES))}")
             if stage.sampler not in SAMPLERS:
                 raise ValueError(f"stage {stage.name!r}: unknown sampler {stage.sampler!r}; "
                                  f"choose one of {', '.join(sorted(SAMPLERS))}")
@@ -347,7 +352,8 @@ def load_config(
         else:
             base["tasks"][name] = spec
     # The default gates follow the task set: a dropped task takes its default thresholds with it. Thresholds
-    # that params.yaml names for a task that is not configured are an error (Config._gates).
+    # that params.yaml names for a task that is not configured are an error (Config._names, which
+    # also drops the default thresholds of absent tasks when a Config is built directly).
     base["gates"]["thresholds"] = {t: v for t, v in base["gates"]["thresholds"].items() if t in base["tasks"]}
     # Lists (stages) replace as a whole; dicts merge.
     full = deep_merge(base, merged)

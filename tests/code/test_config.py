@@ -39,3 +39,16 @@ def test_a_task_dropped_in_params_stays_dropped_under_a_profile_that_configures_
 def test_unknown_names_fail_when_the_config_loads(key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(REPO_PARAMS, overrides={key: value})
+
+
+def test_loading_a_config_knows_every_weighting_without_importing_torch():
+    import subprocess
+    import sys
+
+    from tasks_mtl.config import WEIGHTING_NAMES
+    from tasks_mtl.weighting import WEIGHTINGS
+
+    assert sorted(WEIGHTING_NAMES) == sorted(WEIGHTINGS)
+    code = "import sys; from tasks_mtl.config import load_config; load_config(None); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
