@@ -90,6 +90,10 @@ class TaskConfig(Strict):
             raise ValueError("pooling: pair compares the two texts of a pair_classification task")
         return self
 
+    def has_features(self) -> bool:
+        """Whether the head reads n-gram features of its own (window features, an n-gram bag)."""
+        return self.window_features or self.ngram_bag > 0
+
     def tag_set(self) -> list[str]:
         """All tags a token task can emit, in a fixed order (index = class id)."""
         if self.type != "token_classification":
@@ -134,6 +138,8 @@ class StageConfig(Strict):
     name: str
     tasks: list[str] | None = None  # None = every configured task
     freeze_layers: int | Literal["all", "none"] = "none"  # int k: embeddings + bottom k layers
+    features_only: bool = False  # the heads' n-gram features alone, encoder skipped (see scratch_stages)
+    batch_tokens: int | None = None  # this stage's token budget per batch; None: training.batch_tokens
     steps: int | None = None  # optimizer steps; or give epochs
     epochs: float | None = None  # over the largest task of the stage
     encoder_lr: float = 1e-4
@@ -150,17 +156,37 @@ class StageConfig(Strict):
     def _length(self) -> StageConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError(f"stage {self.name!r}: give exactly one of steps or epochs")
+        if self.features_only and self.freeze_layers != "none":
+            raise ValueError(f"stage {self.name!r}: a features_only stage does not run the encoder; "
+                             "freeze_layers does not apply")
         return self
 
+    def task_names(self, tasks: dict[str, TaskConfig]) -> list[str]:
+        """The tasks the stage trains: its list, else every configured task (a features_only stage: every task
+        whose head has n-gram features)."""
+        if self.tasks is not None:
+            return list(self.tasks)
+        return [n for n, t in tasks.items() if t.has_features()] if self.features_only else list(tasks)
 
-def scratch_stages() -> list[StageConfig]:
-    """An encoder from random init: every layer trains from the first step (nothing to protect), one
-    stage with all tasks. Sized for ~21 minutes of a 30-minute `make run` on 2 CPU cores in fp32
-    (~0.52 s per step of ~2,000 tokens, 3.8k tokens/s)."""
-    return [
-        StageConfig(name="joint", freeze_layers="none", steps=2400, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
-                    sampler="fixed", sampler_args={"weights": DEFAULT_TASK_SHARES}),
-    ]
+
+def scratch_stages(tasks: dict[str, TaskConfig] | None = None) -> list[StageConfig]:
+    """An encoder from random init: nothing to protect, so no freezing.
+
+    1. `features`: the heads' n-gram features alone (window features of the token heads, n-gram bags of the
+       sentence heads), the encoder skipped and token heads on per-token cross-entropy: the linear models
+       the classical peers are, fitted in big batches at ~0.13 s per 8k-token step, several epochs in ~3
+       minutes (alone they reach cws F1 0.962, ner F1 0.890, pos acc 0.929, sentiment 0.847; trained inside
+       the joint stage they see under 3 epochs and lag behind the peers).
+    2. `joint`: every task, every layer training from the first step, the CRFs on, the features tuned on.
+    Sized for a 30-minute `make run` on 2 CPU cores (joint: 0.6-0.8 s per step of ~2,000 tokens). Without a
+    task that has n-gram features (`tasks`), only the joint stage."""
+    joint = StageConfig(name="joint", freeze_layers="none", steps=1900, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
+                        sampler="fixed", sampler_args={"weights": DEFAULT_TASK_SHARES})
+    if tasks is not None and not any(t.has_features() for t in tasks.values()):
+        return [joint]
+    features = StageConfig(name="features", features_only=True, batch_tokens=8192, steps=1200, head_lr=5e-3,
+                           ngram_lr=2e-2, warmup=0.02, sampler="fixed", sampler_args={"weights": FEATURE_TASK_SHARES})
+    return [features, joint]
 
 
 def pretrained_stages() -> list[StageConfig]:
@@ -178,6 +204,8 @@ def pretrained_stages() -> list[StageConfig]:
 # Share of the steps per task (a co-labelled group draws the sum of its tasks' shares): the token tasks
 # ride on one forward pass, sentiment needs epochs of its own, nsp and mlm are auxiliary.
 DEFAULT_TASK_SHARES = {"ner": 0.3, "cws": 0.15, "pos": 0.15, "sentiment": 0.3, "nsp": 0.05, "mlm": 0.05}
+# The features stage: the co-labelled token tasks and sentiment about evenly (nsp's bag alone stays at chance).
+FEATURE_TASK_SHARES = {"ner": 0.3, "cws": 0.15, "pos": 0.15, "sentiment": 0.4, "nsp": 0.02}
 
 
 class TrainingConfig(Strict):
@@ -234,12 +262,16 @@ class Config(Strict):
     @model_validator(mode="after")
     def _stages(self) -> Config:
         if self.training.stages is None:
-            self.training.stages = pretrained_stages() if self.encoder.pretrained else scratch_stages()
+            self.training.stages = pretrained_stages() if self.encoder.pretrained else scratch_stages(self.tasks)
         pretrained = self.encoder.pretrained is not None
         for stage in self.training.stages:
             unknown = set(stage.tasks or []) - set(self.tasks)
             if unknown:
                 raise ValueError(f"stage {stage.name!r} names unknown task(s) {sorted(unknown)}")
+            plain = [t for t in stage.task_names(self.tasks) if not self.tasks[t].has_features()]
+            if stage.features_only and (plain or not stage.task_names(self.tasks)):
+                raise ValueError(f"stage {stage.name!r} is features_only, but task(s) {plain or 'none'} have no "
+                                 "n-gram features (window_features, ngram_bag) to train")
             if stage.freeze_layers != "none" and not pretrained:
                 raise ValueError(
                     f"stage {stage.name!r} freezes encoder layers, but the encoder is not pretrained: freezing "
@@ -275,8 +307,8 @@ class Config(Strict):
 
 def is_pretraining(stage: StageConfig, tasks: dict[str, TaskConfig]) -> bool:
     """A stage that trains only masked-LM tasks pretrains the encoder for the stages after it."""
-    names = stage.tasks or list(tasks)
-    return bool(names) and all(tasks[n].type == "mlm" for n in names)
+    names = stage.task_names(tasks)
+    return not stage.features_only and bool(names) and all(tasks[n].type == "mlm" for n in names)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -362,8 +394,9 @@ def load_config(
     if indexed:  # keys into lists (`training.stages.1.weighting=pcgrad`) edit the resolved stage list
         if full["training"].get("stages") is None:
             pretrained = (full.get("encoder") or {}).get("pretrained")
+            tasks = {n: TaskConfig.model_validate(t) for n, t in full["tasks"].items()}
             full["training"]["stages"] = [s.model_dump() for s in (pretrained_stages() if pretrained
-                                                                   else scratch_stages())]
+                                                                   else scratch_stages(tasks))]
         for dotted_key, value in indexed.items():
             _set_path(full, dotted_key, value)
     cfg = Config.model_validate(full)

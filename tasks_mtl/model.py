@@ -153,12 +153,21 @@ class MultiTaskModel(nn.Module):
         """Loss and logits of one task on one of its batches."""
         return self.forward_tasks([task], batch)[task]
 
-    def forward_tasks(self, tasks: list[str], batch: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def forward_tasks(self, tasks: list[str], batch: dict,
+                      features_only: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Loss and logits of several tasks that label the same batch of texts, from one encoding.
 
         A co-labelled batch carries `labels/<task>` per task (IGNORE where a row lacks that task's labels);
-        a task with no label in the batch is left out of the result."""
-        hidden = self.tasks_hidden(tasks, batch)
+        a task with no label in the batch is left out of the result. `features_only` skips the encoder: the
+        heads see zero hidden states, so only their n-gram features (and biases) score, and token heads train
+        on per-token cross-entropy instead of their CRF."""
+        if features_only:
+            zeros = torch.zeros(*batch["input_ids"].shape, self.bert.config.hidden_size,
+                                device=batch["input_ids"].device)
+            hidden = dict.fromkeys(tasks, zeros)
+            batch = batch | {"features_only": True}
+        else:
+            hidden = self.tasks_hidden(tasks, batch)
         batch = self.with_window(tasks, batch)
         out = {}
         for task in tasks:

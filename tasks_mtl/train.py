@@ -83,10 +83,11 @@ class StreamData:
     """The train features of one stream (a task, or co-labelled tasks sharing texts), its collator and its
     endless, resumable batch order."""
 
-    def __init__(self, tasks: list[str], features: list[dict], collate, cfg: Config, seed: int):
+    def __init__(self, tasks: list[str], features: list[dict], collate, cfg: Config, seed: int,
+                 max_tokens: int | None):
         self.tasks, self.features, self.collate = tasks, features, collate
         self.order = BatchOrder([len(f["input_ids"]) for f in features], cfg.training.batch_size, seed,
-                                max_tokens=cfg.training.batch_tokens)
+                                max_tokens=max_tokens)
 
     def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
         rows = [dict(self.features[i]) for i in self.order.next()]
@@ -107,14 +108,20 @@ def stage_steps(cfg: Config, stage: StageConfig, sizes: dict[str, int]) -> int:
     (with a token budget, rows per batch are estimated at batch_tokens / 48, a People's Daily sentence)."""
     if stage.steps is not None:
         return stage.steps
-    rows = cfg.training.batch_size if cfg.training.batch_tokens is None else max(1, cfg.training.batch_tokens // 48)
+    budget = stage_batch_tokens(cfg, stage)
+    rows = cfg.training.batch_size if budget is None else max(1, budget // 48)
     return max(1, math.ceil(stage.epochs * max(sizes.values()) / (rows * cfg.training.grad_accum)))
+
+
+def stage_batch_tokens(cfg: Config, stage: StageConfig) -> int | None:
+    """The stage's token budget per batch (None: `batch_size` rows)."""
+    return stage.batch_tokens if stage.batch_tokens is not None else cfg.training.batch_tokens
 
 
 def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
     """Tokenized train features per task of a stage, from the tokenize step's meta.json."""
     features = json.loads((cfg.path(cfg.data.tokenized_dir) / "meta.json").read_text())["features"]
-    return {t: features[t]["train"] for t in stage.tasks or cfg.tasks}
+    return {t: features[t]["train"] for t in stage.task_names(cfg.tasks)}
 
 
 def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float) -> list[dict]:
@@ -209,15 +216,17 @@ def co_labelled_collator(tokenizer, tasks: list[str]):
 def stream_data(cfg: Config, model: MultiTaskModel, tokenizer, tasks: list[str], index: int) -> dict[str, StreamData]:
     """The stage's streams by name ("ner+cws+pos" for co-labelled tasks), each with its data."""
     features = {t: load_features(cfg, t) for t in tasks}
+    budget = stage_batch_tokens(cfg, cfg.training.stages[index])
     data = {}
     for i, stream in enumerate(co_labelled_groups(cfg, tasks, features)):
         seed = cfg.seed + 1000 * index + i
         if len(stream) == 1:
             task = stream[0]
-            data[task] = StreamData(stream, features[task], model.task_types[task].collator(tokenizer), cfg, seed)
+            data[task] = StreamData(stream, features[task], model.task_types[task].collator(tokenizer), cfg, seed,
+                                    budget)
         else:
             data["+".join(stream)] = StreamData(stream, merge_features(stream, features),
-                                                co_labelled_collator(tokenizer, stream), cfg, seed)
+                                                co_labelled_collator(tokenizer, stream), cfg, seed, budget)
     return data
 
 
@@ -273,11 +282,14 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         tokenized = cfg.path(cfg.data.tokenized_dir)
         tokenizer = load_tokenizer(tokenized / TOKENIZER_DIR)
         model = new_model(cfg, tokenizer, NgramTables.load(tokenized)).to(device)
-    model.freeze(stage.freeze_layers)
+    model.freeze("all" if stage.features_only else stage.freeze_layers)
+    if stage.features_only:  # the encoder is not run: its input's bigram embeddings get no gradient either
+        for p in model.bigrams.parameters() if model.bigrams is not None else []:
+            p.requires_grad = False
     model.train()
 
     # -- data, sampler, weighting, optimizer ------------------------------------------------------------
-    tasks = stage.tasks or list(cfg.tasks)
+    tasks = stage.task_names(cfg.tasks)
     data = stream_data(cfg, model, tokenizer, tasks, index)
     sizes = {name: len(d.features) for name, d in data.items()}
     total = stage_steps(cfg, stage, sizes)
@@ -337,7 +349,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                 batch = data[stream].next_batch(device)
                 tokens += int(batch["attention_mask"].sum())
                 with autocast:
-                    outputs = model.forward_tasks(data[stream].tasks, batch)
+                    outputs = model.forward_tasks(data[stream].tasks, batch, stage.features_only)
                 for task, (loss, _) in outputs.items():
                     losses[task] = loss / cfg.training.grad_accum
                     window.setdefault(task, []).append(loss.item())

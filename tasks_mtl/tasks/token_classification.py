@@ -93,7 +93,7 @@ class TokenClassificationTask:
         labels = batch["labels"]  # (B, T)
         if not bool((labels != IGNORE).any()):  # no tagged token (e.g. a window of specials only)
             return emissions.sum() * 0.0, emissions
-        if head.crf is None:
+        if head.crf is None or batch.get("features_only"):  # per-token cross-entropy (a features-only stage)
             loss = nn.functional.cross_entropy(emissions.transpose(1, 2), labels, ignore_index=IGNORE)
             return loss, emissions
         packed, mask = pack_first_pieces(emissions, labels)  # (B, W, C), (B, W)

@@ -29,7 +29,8 @@ def _model(cfg, tasks=None) -> tuple[MultiTaskModel, object]:
 
 def _batch(cfg, model, tokenizer, task: str, size: int = 8) -> dict:
     cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"batch_size": size})})
-    data = StreamData([task], load_features(cfg, task), model.task_types[task].collator(tokenizer), cfg, seed=0)
+    data = StreamData([task], load_features(cfg, task), model.task_types[task].collator(tokenizer), cfg, seed=0,
+                      max_tokens=cfg.training.batch_tokens)
     return data.next_batch(torch.device("cpu"))
 
 

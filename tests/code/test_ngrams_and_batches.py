@@ -113,7 +113,8 @@ def test_token_batches_with_window_features_gain_a_direct_path_per_head(tiny_tok
     model = new_model(cfg, tokenizer, NgramTables.load(cfg.path(cfg.data.tokenized_dir)))
     assert model.window is not None and model.heads["ner"].wide is not None
     assert model.heads["sentiment"].__class__.__name__ == "ClassificationHead"
-    data = StreamData(["ner"], load_features(cfg, "ner"), model.task_types["ner"].collator(tokenizer), cfg, seed=0)
+    data = StreamData(["ner"], load_features(cfg, "ner"), model.task_types["ner"].collator(tokenizer), cfg, seed=0,
+                      max_tokens=cfg.training.batch_tokens)
     batch = data.next_batch(torch.device("cpu"))
     loss, _ = model("ner", batch)
     loss.backward()
