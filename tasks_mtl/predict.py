@@ -112,18 +112,26 @@ class Predictor:
                         if word not in best[sample] or margin > best[sample][word][0]:
                             best[sample][word] = (margin, f, pos)
                     previous = word
+            present = [sorted(b) for b in best]  # per sample: its words that have a position
+            width = max([len(p) for p in present] + [1])
+            packed = torch.zeros(len(chunk), width, emissions.shape[-1])  # (N, W, C): each sample's words in order
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for sample, words in enumerate(present):
+                where = [best[sample][w] for w in words]
+                packed[sample, : len(words)] = emissions[[f for _, f, _ in where], [p for _, _, p in where]]
+                mask[sample, : len(words)] = True
+            decodable = mask[:, 0]  # samples with at least one word (a CRF decodes those only)
+            ids: list[list[int]] = [[] for _ in chunk]
+            if head.crf is not None and bool(decodable.any()):  # one batched Viterbi pass over the chunk
+                paths = head.crf.decode(packed[decodable].to(self.device), mask=mask[decodable].to(self.device))
+                for sample, path in zip(decodable.nonzero().flatten().tolist(), paths):
+                    ids[sample] = path
+            elif head.crf is None:
+                ids = [row[: len(words)] for row, words in zip(packed.argmax(-1).tolist(), present)]
             for sample, tokens in enumerate(chunk):
-                present = sorted(best[sample])
                 decoded = [outside] * len(tokens)
-                if present:
-                    where = [best[sample][w] for w in present]
-                    em = emissions[[f for _, f, _ in where], [p for _, _, p in where]]  # (W, C)
-                    if head.crf is not None:
-                        ids = head.crf.decode(em[None].to(self.device))[0]
-                    else:
-                        ids = em.argmax(-1).tolist()
-                    for w, i in zip(present, ids):
-                        decoded[w] = tags[i]
+                for w, i in zip(present[sample], ids[sample]):
+                    decoded[w] = tags[i]
                 results[rows[sample]] = decoded
         return results
 

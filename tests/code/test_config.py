@@ -52,3 +52,16 @@ def test_loading_a_config_knows_every_weighting_without_importing_torch():
     code = "import sys; from tasks_mtl.config import load_config; load_config(None); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_a_features_only_stage_needs_tasks_with_features_and_no_freezing():
+    from tasks_mtl.config import is_pretraining, load_config
+
+    with pytest.raises(ValueError, match="no n-gram features"):
+        load_config(None, overrides={"training.stages": [
+            {"name": "f", "features_only": True, "tasks": ["mlm"], "steps": 2}]})
+    with pytest.raises(ValueError, match="does not run the encoder"):
+        load_config(None, overrides={"training.stages": [
+            {"name": "f", "features_only": True, "freeze_layers": "all", "steps": 2}]})
+    cfg = load_config(None)
+    assert not is_pretraining(cfg.training.stages[0], cfg.tasks)  # it does not make the encoder pretrained

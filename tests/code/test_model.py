@@ -93,6 +93,27 @@ def test_crf_head_trains_and_decodes(tiny_tokenized):
     assert model.heads["ner"].crf.transitions.grad is not None
 
 
+def test_batched_viterbi_decodes_each_sentence_as_alone(tiny_tokenized):
+    """Prediction decodes a whole length batch with one CRF pass; every sentence gets the path it gets alone,
+    whatever its neighbours' lengths (an empty token list included)."""
+    from tasks_mtl.predict import Predictor
+
+    cfg = tiny_tokenized
+    tasks = dict(cfg.tasks)
+    tasks["ner"] = tasks["ner"].model_copy(update={"crf": True})
+    model, tokenizer = _model(cfg, tasks)
+    with torch.no_grad():  # strong transitions: the best path differs from the per-token argmax
+        model.heads["ner"].crf.transitions.normal_(std=3.0)
+    sentences = [list("张伟在北京学习"), list("李娜"), [], list("我们今天在上海公司非常喜欢这个手机质量")]
+    batched = Predictor(model, tokenizer, {"max_length": 16}, torch.device("cpu"), batch_size=8)
+    alone = Predictor(model, tokenizer, {"max_length": 16}, torch.device("cpu"), batch_size=1)
+    together = batched.token_tags("ner", sentences)
+    assert together == alone.token_tags("ner", sentences)
+    assert [len(t) for t in together] == [len(s) for s in sentences]
+    model.heads["ner"].crf = None  # the same emissions by argmax: the CRF's transitions changed some tags
+    assert batched.token_tags("ner", sentences) != together
+
+
 def test_labels_sit_on_the_first_word_piece_only():
     from transformers import BertTokenizerFast
 

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 NER_F1_FLOOR = 0.20  # chance is ~0
 CWS_F1_FLOOR = 0.60  # all-single-character segmentation scores ~0.3
 SENTIMENT_ACCURACY_FLOOR = 0.65  # majority class is 0.52
-LEARNING_STEPS = 320
+FEATURE_STEPS = 300  # the features stage (8k-token batches, encoder skipped)
+JOINT_STEPS = 160
 LEARNING_TASKS = {"pos": None, "nsp": None, "mlm": None}  # ner + cws co-labelled, and sentiment
 
 
@@ -72,9 +73,10 @@ def test_default_recipe_learns_in_three_minutes(bundled_root):
         "tasks": {**LEARNING_TASKS, "ner": {"max_rows": caps}, "cws": {"max_rows": caps},
                   "sentiment": {"max_rows": caps}},
         "training": {"log_every": 50, "save_every": 0},
-    }, overrides={"training.stages.0.steps": LEARNING_STEPS})  # the default recipe, only shorter
-    stage = cfg.training.stages[0]
-    assert stage.freeze_layers == "none" and cfg.encoder.use_bigrams() and cfg.training.co_label
+    }, overrides={"training.stages.0.steps": FEATURE_STEPS, "training.stages.1.steps": JOINT_STEPS})
+    features, joint = cfg.training.stages  # the default recipe, only shorter
+    assert features.features_only and joint.freeze_layers == "none"
+    assert cfg.encoder.use_bigrams() and cfg.training.co_label
     prepare(cfg)
     tokenize(cfg)
     train_all(cfg)

@@ -57,8 +57,52 @@ def test_default_stages_fit_the_encoder():
 
     scratch = load_config(None)
     assert [s.freeze_layers for s in scratch.training.stages] == ["none"] * len(scratch.training.stages)
+    assert [s.name for s in scratch.training.stages] == ["features", "joint"]
+    features = scratch.training.stages[0]
+    assert features.features_only and "mlm" not in features.task_names(scratch.tasks)
+    assert set(features.task_names(scratch.tasks)) == {"sentiment", "ner", "cws", "pos", "nsp"}
+    plain = load_config(None, overrides={"tasks.sentiment.ngram_bag": 0, "tasks.nsp.ngram_bag": 0,
+                                         **{f"tasks.{t}.window_features": False for t in ("ner", "cws", "pos")}})
+    assert [s.name for s in plain.training.stages] == ["joint"]  # nothing for a features stage to fit
     pretrained = load_config(None, overrides={"encoder.pretrained": "/some/bert"})
     assert [s.freeze_layers for s in pretrained.training.stages] == ["all", 1, "none"]
+
+
+def test_a_features_stage_fits_the_ngram_features_and_leaves_the_encoder_alone(tmp_path):
+    """The features stage trains window features, n-gram bags and the heads' own layers; the encoder does not
+    run, so its weights stay at their initial values, and the joint stage after it trains everything."""
+    from tiny_project import make_tiny_project
+
+    from tasks_mtl.model import new_model
+    from tasks_mtl.ngrams import NgramTables
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+
+    cfg = make_tiny_project(tmp_path, {
+        "tasks": {"sentiment": {"ngram_bag": 8}, "ner": {"window_features": True, "crf": True}},
+        "encoder": {"window_dim": 4},
+        "training": {"stages": [
+            {"name": "features", "features_only": True, "steps": 6, "head_lr": 5e-3, "ngram_lr": 2e-2,
+             "batch_tokens": 256},
+            {"name": "joint", "steps": 3, "encoder_lr": 1e-3, "head_lr": 1e-3}]}})
+    assert sorted(cfg.training.stages[0].task_names(cfg.tasks)) == ["ner", "sentiment"]
+    tokenize(cfg)
+    tokenized = cfg.path(cfg.data.tokenized_dir)
+    torch.manual_seed(cfg.seed)  # train_stage seeds stage 0 the same way: this is its initial model
+    initial = _weights(new_model(cfg, load_tokenizer(tokenized / TOKENIZER_DIR), NgramTables.load(tokenized)))
+    fitted = _weights(load_checkpoint(train_stage(cfg, 0), cfg.tasks)[0])
+    encoder = [k for k in initial if k.startswith(("bert.", "bigrams."))]
+    assert encoder and all(torch.equal(initial[k], fitted[k]) for k in encoder)
+    for key in ("window.unigrams.weight", "heads.ner.wide.weight", "heads.sentiment.bag.unigrams.weight",
+                "heads.sentiment.classify.weight"):
+        assert not torch.equal(initial[key], fitted[key]), key
+    assert torch.equal(initial["heads.ner.crf.transitions"], fitted["heads.ner.crf.transitions"])  # CE, not CRF
+    assert torch.equal(initial["heads.cws.emit.weight"], fitted["heads.cws.emit.weight"])  # cws has no features
+    log = (cfg.path(cfg.training.output_dir) / "1-features.log.csv").read_text()
+    assert "loss/ner" in log and "loss/cws" not in log and "lr/encoder" not in log
+    joint = _weights(load_checkpoint(train_stage(cfg, 1), cfg.tasks)[0])
+    assert not torch.equal(fitted["bert.encoder.layer.0.attention.self.query.weight"],
+                           joint["bert.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(fitted["heads.ner.crf.transitions"], joint["heads.ner.crf.transitions"])
 
 
 def test_finished_stage_is_not_rerun(tiny_cfg):
