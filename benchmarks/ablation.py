@@ -7,6 +7,8 @@ Variant sets (`--set`):
 - token: ner + cws co-labelled, with and without bigram embeddings, with a CRF over both heads, with
   window features (the CRF's features read straight into the tag scores), and with both.
 
+`--steps` sets the joint stage; the features stage of the default recipe keeps its own steps.
+
 Prints one JSON line: {"set", "steps", "variants": {name: {"metrics": {...}, "seconds": s}}}.
 
     python benchmarks/ablation.py --set sentiment --steps 400
@@ -36,12 +38,14 @@ VARIANTS = {
         "mean+bag, no bigrams": {"encoder.bigrams": False},
     },
     "token": {
-        "default": {},
+        "plain heads": {"tasks.ner.window_features": False, "tasks.cws.window_features": False,
+                        "tasks.ner.crf": False, "tasks.cws.crf": False},
+        "crf": {"tasks.ner.window_features": False, "tasks.cws.window_features": False},
+        "window": {"tasks.ner.crf": False, "tasks.cws.crf": False},
+        "window+crf": {},  # the default heads, with the features stage before the joint one
+        "window+crf, no features stage": {"training.stages": [{"name": "joint", "steps": 1, "encoder_lr": 1e-3,
+                                                               "head_lr": 1e-3, "warmup": 0.05}]},
         "no bigrams": {"encoder.bigrams": False},
-        "crf": {"tasks.ner.crf": True, "tasks.cws.crf": True},
-        "window": {"tasks.ner.window_features": True, "tasks.cws.window_features": True},
-        "window+crf": {"tasks.ner.window_features": True, "tasks.cws.window_features": True,
-                       "tasks.ner.crf": True, "tasks.cws.crf": True},
     },
 }
 
@@ -59,7 +63,9 @@ def main() -> None:
     results = {}
     for name in chosen:
         where = out / name.replace(" ", "_").replace(",", "").replace("+", "_")
-        overrides = {**ALONE[args.set], **VARIANTS[args.set][name], "training.stages.0.steps": args.steps,
+        variant = {**ALONE[args.set], **VARIANTS[args.set][name]}
+        last = len(load_config(args.params, profile="default", overrides=variant).training.stages) - 1  # joint
+        overrides = {**variant, f"training.stages.{last}.steps": args.steps,
                      "training.output_dir": str(where / "checkpoints"), "data.tokenized_dir": str(where / "tokenized")}
         cfg = load_config(args.params, profile="default", overrides=overrides)
         started = time.perf_counter()

@@ -43,7 +43,8 @@ def main() -> None:
     multi = evaluate(mtl_cfg, train_all(mtl_cfg))
     single = {}
     for task in args.tasks.split(",") if args.tasks else base.tasks:
-        stages = [s.model_dump(mode="json") | {"tasks": [task]} for s in base.training.stages]
+        stages = [s.model_dump(mode="json") | {"tasks": [task]} for s in base.training.stages
+                  if not s.features_only or base.tasks[task].has_features()]  # a features stage needs features
         cfg = load_config(args.params, profile=args.profile, overrides={
             "training.output_dir": str(out / f"single-{task}"), "training.stages": stages})
         print(f"{task}: single-task run of {sum(s['steps'] for s in stages)} steps", file=sys.stderr, flush=True)

@@ -190,21 +190,47 @@ def evaluate(
 
 @app.command()
 def predict(
-    input: Annotated[Path, typer.Option("--input", help="JSONL, one {\"text\": ...} per line")],
-    output: Annotated[Path, typer.Option("--output", help="JSONL with one key per task added")],
+    input: Annotated[str, typer.Option("--input", help="JSONL, one {\"text\": ...} per line; - for stdin")],
+    output: Annotated[str, typer.Option("--output", help="JSONL: each input line with one key per task; - for stdout")],
     model: Annotated[str | None, typer.Option(help="checkpoint dir or models:/ URI (default: the champion)")] = None,
+    errors: Annotated[Path | None, typer.Option(help="write skipped lines here as JSONL {line, error, input}")] = None,
     params: ParamsOpt = None,
     batch_size: int = 32,
 ) -> None:
-    """Predict every task for each input line."""
+    """Predict every task for each input line. Bad lines are reported on stderr by number and skipped (exit
+    code 2 when any was); status never goes into the output stream."""
     from tasks_mtl.predict import PredictionInputError, predict_file
 
     cfg = _config(params, None)
+    status = Console(stderr=True)
     try:
-        n = predict_file(cfg, input, output, model_uri=model, batch_size=batch_size)
+        n, bad = predict_file(cfg, input, output, model_uri=model, batch_size=batch_size, errors=errors)
     except (PredictionInputError, FileNotFoundError) as err:
         _fail(str(err), 2)
-    console.print(f"{n} predictions -> {output}")
+    for line, _, problem in bad[:20]:
+        status.print(f"line {line}: {problem} (skipped)", markup=False, highlight=False)
+    if len(bad) > 20:
+        status.print(f"... and {len(bad) - 20} more skipped lines" + (f" (all in {errors})" if errors else ""))
+    status.print(f"{n} predictions -> {output if output != '-' else 'stdout'}"
+                 + (f"; {len(bad)} bad lines skipped" if bad else ""), markup=False, highlight=False)
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="checkpoint dir or models:/ URI (default: the champion)")] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    params: ParamsOpt = None,
+) -> None:
+    """Serve predictions over HTTP (POST /predict, GET /health, schema at /docs); the model stays loaded."""
+    from tasks_mtl.predict import model_location
+    from tasks_mtl.serve import serve as run_server
+
+    cfg = _config(params, None)
+    location = model_location(cfg, model)
+    run_server(location, model or str(location), host, port, batch_size=cfg.training.eval_batch_size)
 
 
 @app.command()
@@ -334,7 +360,9 @@ def _print_gates(gates: dict) -> None:
         table.add_column(col)
     for gate in gates.get("gates", []):
         value = gate.get("value")
-        table.add_row(gate["name"], "-" if value is None else f"{value:.4f}", str(gate.get("threshold")), "yes" if gate["passed"] else "[red]no[/red]")
+        bound = gate.get("threshold")
+        table.add_row(gate["name"], "-" if value is None else f"{value:.4f}", "-" if bound is None else f"{bound:g}",
+                      "yes" if gate["passed"] else "[red]no[/red]")
     console.print(table)
 
 

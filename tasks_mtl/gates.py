@@ -6,6 +6,8 @@ Two kinds of gate, both on the test split:
   silently stopped reporting must not slip through.
 - no_regression: for every metric both the candidate and the champion report, the candidate may
   be worse by at most the metric's tolerance (`cfg.gates.tolerance[metric]`, else `["default"]`).
+- reported: a task of the run without thresholds (one a user added) must still report its metrics, all
+  finite, so that every task of the run is gated and counted.
 
 Pure functions: no MLflow, no files except `write_gates`. The registry decides what a decision
 means; this module only decides.
@@ -61,6 +63,17 @@ def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None) -> d
                 "threshold": float(threshold), "value": value,
                 "champion": None, "tolerance": None, "passed": bool(passed),
             })
+
+    for task in cfg.tasks:
+        if task in cfg.gates.thresholds:
+            continue
+        values = metrics.get(task) or {}
+        passed = bool(values) and all(_number(v) is not None for v in values.values())
+        gates.append({
+            "name": f"{task} reports finite metrics (no thresholds set)",
+            "kind": "reported", "task": task, "metric": None, "threshold": None,
+            "value": None, "champion": None, "tolerance": None, "passed": passed,
+        })
 
     for task, values in (champion or {}).items():
         for metric, champ_raw in values.items():

@@ -10,8 +10,10 @@ from tasks_mtl.gates import evaluate_gates, gate_summary, write_gates
 
 @pytest.fixture
 def cfg(tmp_path) -> Config:
+    tasks = Config().tasks
     return Config(
         root=tmp_path,
+        tasks={"sentiment": tasks["sentiment"], "mlm": tasks["mlm"]},
         gates={
             "thresholds": {"sentiment": {"accuracy": 0.6}, "mlm": {"perplexity": 500.0}},
             "tolerance": {"default": 0.01, "perplexity": 5.0},
@@ -95,3 +97,16 @@ def test_write_gates_writes_report(cfg):
     path = write_gates(cfg, result)
     assert path == cfg.path("reports/gates.json")
     assert json.loads(path.read_text(encoding="utf-8")) == result
+
+
+def test_a_task_without_thresholds_is_still_gated_and_counted(cfg):
+    """A task a user adds without writing thresholds for it must report finite metrics; it counts in the
+    summary, and a missing or NaN metric rejects."""
+    intent = cfg.tasks["sentiment"].model_copy(update={"bundled": None, "files": {"all": "intent.jsonl"}})
+    cfg = cfg.model_copy(update={"tasks": {**cfg.tasks, "intent": intent}})
+    ok = evaluate_gates(cfg, {**GOOD, "intent": {"accuracy": 0.7, "macro_f1": 0.6}}, None)
+    assert ok["passed"] and gate_summary(ok).startswith("promote: 3/3 gates passed")
+    assert _by_name(ok)["intent reports finite metrics (no thresholds set)"]["kind"] == "reported"
+    assert not evaluate_gates(cfg, GOOD, None)["passed"]  # intent reported nothing
+    nan = evaluate_gates(cfg, {**GOOD, "intent": {"accuracy": float("nan")}}, None)
+    assert gate_summary(nan).endswith("failed: intent reports finite metrics (no thresholds set)")

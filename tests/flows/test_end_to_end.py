@@ -123,6 +123,10 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     again = _dvc(["repro"], repo, env)
     assert "Running stage" not in again, again
 
+    dag = _dvc(["dag", "--dot"], repo, env)  # one chain: validate checks what ingest described
+    for edge in ("ingest", "validate"), ("validate", "prepare"), ("prepare", "tokenize"), ("tokenize", "train"):
+        assert f'"{edge[0]}" -> "{edge[1]}"' in dag, dag
+
     shown = _dvc(["metrics", "show"], repo, env)
     assert "sentiment.accuracy" in shown
     _dvc(["plots", "show", "-o", str(tmp_path / "plots")], repo, env)
