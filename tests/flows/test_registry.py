@@ -9,7 +9,8 @@ import pytest
 from tasks_mtl import registry, tracking
 from tasks_mtl.gates import evaluate_gates
 
-METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.79}, "ner": {"f1": 0.5}}
+METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.79}, "ner": {"f1": 0.5},
+           "mlm": {"accuracy": 0.05, "perplexity": 900.0}}
 
 
 def _gates(cfg, metrics, champion=None):
@@ -77,7 +78,8 @@ def test_register_promote_rollback(mlflow_cfg, fake_checkpoint):
     mv1 = client.get_model_version(cfg.registry.model_name, "1")
     assert mv1.tags["promoted_by"] == "retrain-flow" and mv1.tags["previous_champion"] == ""
 
-    worse = {"sentiment": {"accuracy": 0.7, "macro_f1": 0.69}, "ner": {"f1": 0.5}}
+    worse = {"sentiment": {"accuracy": 0.7, "macro_f1": 0.69}, "ner": {"f1": 0.5},
+           "mlm": {"accuracy": 0.05, "perplexity": 900.0}}
     gates2 = _gates(cfg, worse, registry.champion_metrics(cfg))
     assert not gates2["passed"]
     v2 = registry.log_and_register(cfg, fake_checkpoint, worse, gates2)

@@ -11,7 +11,8 @@ from flows.retrain import flow_parameters, run_local
 from tasks_mtl import registry, tracking
 from tasks_mtl.config import Config
 
-METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.78}, "ner": {"f1": 0.5}}
+METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.78}, "ner": {"f1": 0.5},
+           "mlm": {"accuracy": 0.05, "perplexity": 900.0}}
 
 
 @pytest.fixture
