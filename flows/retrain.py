@@ -1,5 +1,5 @@
 """The retraining flow: data version -> validate -> prepare -> tokenize -> train stages ->
-evaluate -> gates -> register (challenger) -> promote (champion, only if every gate passed).
+evaluate -> gates -> report -> register (challenger) -> promote (champion, only if every gate passed).
 
 Its parameters are plain values (a params file, a profile, dotted overrides) so a deployment
 can schedule it; `run_local` runs it in-process on Prefect's ephemeral API for `mtl pipeline`.
@@ -25,6 +25,7 @@ from flows.steps import (
     prepare_step,
     promote_step,
     register_step,
+    report_step,
     tokenize_step,
     train_stage_step,
     validate_step,
@@ -61,6 +62,7 @@ def retrain(params: str = "params.yaml", profile: str | None = None,
         loss_report_step(cfg)
         metrics = evaluate_step(cfg, checkpoint, run.run_id)
         gates = gates_step(cfg, metrics, champion_metrics_step(cfg))
+        report_step(cfg, run.run_id)  # never raises: a report problem is a warning, not a lost model
         version = register_step(cfg, checkpoint, metrics, gates, run.run_id, provenance)
         promoted = promote_step(cfg, version, gates)
         run.set_tags({"gate": gates["decision"], "gate_summary": gate_summary(gates),

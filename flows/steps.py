@@ -86,10 +86,12 @@ def tokenize_step(cfg: Config, data_hash: str) -> Path:
 def train_stage_step(cfg: Config, index: int, run_id: str, init_dir: Path | None = None) -> Path:
     """One training stage in its own nested MLflow run; `init_dir` (the previous stage's result)
     orders the steps in the flow graph, `train_stage` finds it itself."""
+    from tasks_mtl.progress import StageProgress
     from tasks_mtl.train import train_stage
 
+    progress = StageProgress(emit=get_run_logger().info, every_s=60)  # the run's log in the UI: a line a minute
     with tracking.RunTracker.attach(cfg, run_id).stage(cfg.training.stages[index].name) as stage_run:
-        return train_stage(cfg, index, log=stage_run.logger())
+        return train_stage(cfg, index, log=stage_run.logger(), progress=progress)
 
 
 @task(name="loss-report", cache_policy=NO_CACHE)
@@ -138,6 +140,26 @@ def gates_step(cfg: Config, metrics: dict[str, dict[str, float]],
     write_gates(cfg, result)
     create_markdown_artifact(key="gate-decisions", markdown=gates_markdown(result), description=gate_summary(result))
     return result
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_step(cfg: Config, run_id: str) -> Path | None:
+    """Write reports/report.html and attach it to the run with metrics.json, gates.json and validation.html.
+
+    The report is for people, not for the decision: whatever goes wrong here is logged as a warning and
+    returns None, so registration and promotion run as they would without it.
+    """
+    try:
+        from tasks_mtl.report import write_report
+
+        out = write_report(cfg)
+        reports = cfg.path(cfg.reports_dir)
+        tracking.RunTracker.attach(cfg, run_id).log_artifacts(
+            [out, reports / "metrics.json", reports / "gates.json", reports / "validation.html"])
+    except Exception as err:  # noqa: BLE001 - any failure: see the docstring
+        get_run_logger().warning("run report not written or not attached: %s: %s", type(err).__name__, err)
+        return None
+    return out
 
 
 @task(name="register", cache_policy=NO_CACHE)

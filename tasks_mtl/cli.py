@@ -161,10 +161,12 @@ def train(
     stage: Annotated[str | None, typer.Option(help="run only this stage (its input is the previous stage's checkpoint)")] = None,
 ) -> None:
     """Run the training stages; each stage writes a checkpoint directory."""
+    from tasks_mtl.progress import StageProgress
     from tasks_mtl.train import train_all, train_stage_by_name
 
     cfg = _config(params, profile, set_)
-    out = train_stage_by_name(cfg, stage) if stage else train_all(cfg)
+    progress = StageProgress()  # a live line on a terminal, plain lines every 30 s in a pipe
+    out = train_stage_by_name(cfg, stage, progress=progress) if stage else train_all(cfg, progress=progress)
     console.print(f"checkpoint -> {out}")
 
 
@@ -250,6 +252,15 @@ def pipeline(
     _print_gates(result["gates"])
     if result.get("error"):
         _fail(result["error"])
+
+
+@app.command()
+def report(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
+    """Rebuild reports/report.html (losses, weights, metrics vs champion and peers, gates, data); print its path."""
+    from tasks_mtl.report import write_report
+
+    cfg = _config(params, profile, set_)
+    console.print(str(write_report(cfg)), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -85,8 +85,9 @@ def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) ->
 
 
 def evaluate(cfg: Config, checkpoint_dir: Path, split: str = "test", predictor: Predictor | None = None,
-             ) -> dict[str, dict[str, float]]:
-    """task -> metric -> value for every task of the checkpoint that the run configures."""
+             confusion: dict[str, dict] | None = None) -> dict[str, dict[str, float]]:
+    """task -> metric -> value for every task of the checkpoint that the run configures. A `confusion` dict
+    receives, per classification task, {"labels": [...], "matrix": counts[gold][predicted]}."""
     from tasks_mtl.data.prepare import read_split
 
     predictor = predictor or Predictor.from_dir(checkpoint_dir, batch_size=cfg.training.eval_batch_size)
@@ -101,6 +102,10 @@ def evaluate(cfg: Config, checkpoint_dir: Path, split: str = "test", predictor: 
             pred = predictor.class_probs(name, texts, pairs).argmax(-1).tolist()
             gold = [task.labels.index(r["label"]) for r in rows]
             results[name] = classification_metrics(pred, gold, len(task.labels))
+            if confusion is not None:
+                counts = np.zeros((len(task.labels), len(task.labels)), dtype=int)
+                np.add.at(counts, (gold, pred), 1)
+                confusion[name] = {"labels": list(task.labels), "matrix": counts.tolist()}
         elif task.type == "token_classification":
             pred_tags = predictor.token_tags(name, [r["tokens"] for r in rows])
             results[name] = tagging_metrics(pred_tags, [r["tags"] for r in rows], task)
@@ -122,11 +127,19 @@ def report_path(cfg: Config, split: str) -> Path:
     return cfg.path(cfg.reports_dir) / ("metrics.json" if split == "test" else f"metrics_{split}.json")
 
 
+def confusion_path(cfg: Config, split: str) -> Path:
+    """reports/confusion.json (test split) or confusion_<split>.json: the classification tasks' counts."""
+    return report_path(cfg, split).with_name(report_path(cfg, split).name.replace("metrics", "confusion", 1))
+
+
 def evaluate_to_report(cfg: Config, checkpoint: Path | None = None, split: str = "test") -> dict:
-    """Evaluate and write the split's report ({task: {metric: value}}, see `report_path`)."""
+    """Evaluate and write the split's report ({task: {metric: value}}, see `report_path`) and the
+    classification tasks' confusion matrices beside it (`confusion_path`)."""
     out = report_path(cfg, split)
-    metrics = evaluate(cfg, checkpoint or final_checkpoint(cfg), split)
+    confusion: dict[str, dict] = {}
+    metrics = evaluate(cfg, checkpoint or final_checkpoint(cfg), split, confusion=confusion)
     out.parent.mkdir(parents=True, exist_ok=True)
+    confusion_path(cfg, split).write_text(json.dumps(confusion, indent=1, ensure_ascii=False) + "\n")
     rounded = {t: {k: round(v, 6) for k, v in m.items()} for t, m in metrics.items()}
     out.write_text(json.dumps(rounded, indent=2, sort_keys=True) + "\n")
     return rounded

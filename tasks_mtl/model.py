@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks_mtl.config import Config, TaskConfig
-from tasks_mtl.ngrams import BigramEmbedding, NgramTables, WindowFeatures, sparse_parameters
+from tasks_mtl.ngrams import BigramEmbedding, NgramTables, WindowFeatures, sparse_parameters, window_index
 from tasks_mtl.tasks import build_task
 
 
@@ -62,7 +62,7 @@ class MultiTaskModel(nn.Module):
         depth = bert.config.num_hidden_layers
         words = bert.embeddings.word_embeddings
         window_dim = window_dim if any(t.window_features for t in tasks.values()) else 0
-        if (bigram_dim or window_dim or any(t.ngram_bag for t in tasks.values())) and ngrams is None:
+        if (bigram_dim or any(t.has_features() for t in tasks.values())) and ngrams is None:
             raise ValueError("bigram embeddings, window features and n-gram bags need the n-gram tables of "
                              "the tokenize step")
         self.ngrams = ngrams
@@ -130,10 +130,14 @@ class MultiTaskModel(nn.Module):
         return self.tasks_hidden([task], batch)[task]
 
     def with_window(self, tasks: list[str], batch: dict) -> dict:
-        """The batch plus `window_features` (B, T, 10 D) when one of `tasks` reads them (computed once)."""
-        if self.window is None or not any(self.task_cfgs[t].window_features for t in tasks):
-            return batch
-        return batch | {"window_features": self.window(batch["input_ids"], batch["attention_mask"])}
+        """The batch plus `window_features` (B, T, 10 D) and `window_index` (B, T, 10) when one of `tasks`
+        reads them (computed once for all)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.window is not None and any(self.task_cfgs[t].window_features for t in tasks):
+            batch = batch | {"window_features": self.window(ids, mask)}
+        if any(self.task_cfgs[t].window_weights for t in tasks):
+            batch = batch | {"window_index": window_index(self.ngrams, ids, mask)}
+        return batch
 
     def logits(self, task: str, batch: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The task head's output on a batch (prediction)."""
@@ -159,13 +163,12 @@ class MultiTaskModel(nn.Module):
 
         A co-labelled batch carries `labels/<task>` per task (IGNORE where a row lacks that task's labels);
         a task with no label in the batch is left out of the result. `features_only` skips the encoder: the
-        heads see zero hidden states, so only their n-gram features (and biases) score, and token heads train
-        on per-token cross-entropy instead of their CRF."""
+        heads see zero hidden states, so only their n-gram features (and biases) score: with a CRF, a token
+        head is then a linear-chain CRF over the window features, the model its classical peer is."""
         if features_only:
             zeros = torch.zeros(*batch["input_ids"].shape, self.bert.config.hidden_size,
                                 device=batch["input_ids"].device)
             hidden = dict.fromkeys(tasks, zeros)
-            batch = batch | {"features_only": True}
         else:
             hidden = self.tasks_hidden(tasks, batch)
         batch = self.with_window(tasks, batch)

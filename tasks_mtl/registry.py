@@ -1,7 +1,7 @@
 """The model registry: versions, the `challenger` and `champion` aliases, promotion and rollback.
 
-Every trained model is logged as an MLflow pyfunc wrapping its self-contained checkpoint
-directory and registered as a new version of `cfg.registry.model_name` with alias `challenger`.
+Every trained model is logged as an MLflow pyfunc (models-from-code: tasks_mtl/pyfunc_model.py) wrapping
+its self-contained checkpoint directory and registered as a new version of `cfg.registry.model_name` with alias `challenger`.
 Only `promote` moves `champion`, and only a passed gate (the retrain flow) or a person
 (`mtl promote`) calls it. Each promotion records who, why and when on the version, and the
 version it replaced, so `rollback` can walk back one champion at a time.
@@ -12,6 +12,7 @@ Version tags carry what `mtl models` shows without opening runs: `metric.<task>.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import os
@@ -33,7 +34,8 @@ from tasks_mtl.gates import gate_summary
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-CHECKPOINT_ARTIFACT = "checkpoint"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the same name as tasks_mtl/pyfunc_model.py's
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_EXAMPLE = pd.DataFrame({"text": ["这家酒店的服务很好，房间也很干净。"], "text_pair": ["下次还会再来。"]})
 # `text_pair` is optional: only NSP reads it, and most requests are single texts.
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "text"), ColSpec("string", "text_pair", required=False)]))
@@ -47,37 +49,6 @@ def _load_predictor(checkpoint_dir: Path) -> Any:
     from tasks_mtl.predict import Predictor  # torch is heavy; only a loaded model needs it
 
     return Predictor.from_dir(checkpoint_dir)
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars and tuples -> JSON types, so `mlflow models serve` can serialise records."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalar
-        return value.item()
-    return value
-
-
-class MtlPyfuncModel(mlflow.pyfunc.PythonModel):
-    """pyfunc face of a checkpoint: a DataFrame with `text` (and optional `text_pair`) in,
-    the prediction records of the README (`mtl predict`) out (one dict per row)."""
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self._predictor = _load_predictor(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "text" not in frame.columns:
-            raise ValueError(f"input needs a `text` column; got columns {list(frame.columns)}")
-        texts = [str(t) for t in frame["text"].tolist()]
-        pairs = None
-        if "text_pair" in frame.columns:
-            pairs = [None if p is None or (isinstance(p, float) and p != p) else str(p) for p in frame["text_pair"].tolist()]
-            if all(p is None for p in pairs):
-                pairs = None
-        return _plain(self._predictor.predict(texts, pairs))
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -156,7 +127,7 @@ def log_and_register(
     with mlflow.start_run(**run_kwargs) as run:
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=MtlPyfuncModel(),
+            python_model=str(MODEL_CODE),  # models-from-code: the file is stored with the model, nothing pickled
             artifacts={CHECKPOINT_ARTIFACT: str(Path(checkpoint_dir).resolve())},
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
@@ -335,10 +306,25 @@ def resolve_model_dir(cfg: Config, uri: str | None) -> Path:
     mlflow.set_registry_uri(uri_str)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp)
+        with _no_progress_bars():
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=tmp)
         if not target.exists():  # a concurrent download may have won; either copy is the same
             shutil.move(local, target)
     return _checkpoint_in(target)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """MLflow's tqdm bars off while it downloads (they would land in a `mtl predict` pipe's stderr)."""
+    before = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = before
 
 
 def _checkpoint_in(model_dir: Path) -> Path:

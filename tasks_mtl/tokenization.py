@@ -73,11 +73,11 @@ def build_tokenizer(cfg: Config):
 
 def build_ngram_tables(cfg: Config, tokenizer):
     """Bigrams of all training text (the encoder's bigram embeddings, window features) and trigrams of the
-    texts of tasks with an n-gram bag or window features (their heads), as token-id keys; None when no part
+    texts of tasks whose heads read n-gram features (a bag, window features or window weights), as token-id keys; None when no part
     of the model uses them."""
     from tasks_mtl.ngrams import NgramTables
 
-    bag_tasks = [n for n, t in cfg.tasks.items() if t.ngram_bag or t.window_features]
+    bag_tasks = [n for n, t in cfg.tasks.items() if t.has_features()]
     if not (cfg.encoder.use_bigrams() or bag_tasks):
         return None
     encode = lambda texts: tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []

@@ -189,6 +189,16 @@ class RunTracker:
         """Per-task evaluation metrics as `test.<task>.<metric>`."""
         self.log_metrics(metric_items(metrics, prefix))
 
+    def log_artifacts(self, paths: list[Path], artifact_path: str = "reports") -> list[str]:
+        """Attach files to the run under `artifact_path`; a path that does not exist is skipped (a step
+        that never ran left no file). Returns the names attached."""
+        logged = []
+        for path in paths:
+            if Path(path).is_file():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+                logged.append(Path(path).name)
+        return logged
+
     def logger(self) -> Callable[[dict[str, float], int], None]:
         """The trainer's `log` callback: flat metric dicts at a global step."""
         return lambda metrics, step: self.log_metrics(metrics, step)

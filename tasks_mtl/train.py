@@ -27,6 +27,7 @@ from tasks_mtl.checkpoint import load_checkpoint, load_state, save_checkpoint, s
 from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
+from tasks_mtl.progress import ProgressFn
 from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
 from tasks_mtl.weighting import build_weighting
 
@@ -145,7 +146,8 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
         for p in model.bigrams.parameters():
             add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
     for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
-        add("heads", stage.ngram_lr if ".bag." in f".{name}" else stage.head_lr, p)
+        ngram = ".bag." in f".{name}" or ".lexical." in f".{name}"  # n-gram tables at their own rate
+        add("heads", stage.ngram_lr if ngram else stage.head_lr, p)
     for p in model.window.parameters() if model.window is not None else []:
         add("heads", stage.ngram_lr, p)
     ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "encoder", item[0][0], -item[0][1]))
@@ -251,8 +253,10 @@ def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: int | None = None) -> Path:
-    """Run stage `index` (0-based) and return its checkpoint directory.
+def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: int | None = None,
+                progress: ProgressFn | None = None) -> Path:
+    """Run stage `index` (0-based) and return its checkpoint directory. `log` gets the metrics of each
+    logging step (MLflow), `progress` the stage's name, step and total as well (a person watching).
 
     `stop_after` ends the stage early after that many steps with its resume state saved (tests use it
     to simulate an interruption).
@@ -373,6 +377,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             _append_log(log_file, offset + step, stage.name, metrics)
             if log:
                 log(metrics, offset + step)
+            if progress:
+                progress(stage.name, step, total, metrics)
             window, weight_window = {}, {}
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
             save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length)
@@ -424,17 +430,18 @@ def write_loss_report(cfg: Config) -> Path:
     return out
 
 
-def train_all(cfg: Config, log: LogFn | None = None) -> Path:
+def train_all(cfg: Config, log: LogFn | None = None, progress: ProgressFn | None = None) -> Path:
     """Every stage in order; returns the last stage's checkpoint."""
     out = None
     for index in range(len(cfg.training.stages)):
-        out = train_stage(cfg, index, log)
+        out = train_stage(cfg, index, log, progress=progress)
     write_loss_report(cfg)
     return out
 
 
-def train_stage_by_name(cfg: Config, name: str, log: LogFn | None = None) -> Path:
+def train_stage_by_name(cfg: Config, name: str, log: LogFn | None = None,
+                        progress: ProgressFn | None = None) -> Path:
     names = [s.name for s in cfg.training.stages]
     if name not in names:
         raise ValueError(f"unknown stage {name!r}; stages: {names}")
-    return train_stage(cfg, names.index(name), log)
+    return train_stage(cfg, names.index(name), log, progress=progress)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tasks_mtl.config import TaskConfig
-from tasks_mtl.ngrams import NgramBag, NgramTables
+from tasks_mtl.ngrams import NgramBag, NgramTables, pair_overlap
 
 
 def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -21,18 +21,20 @@ class ClassificationHead(nn.Module):
     Pooling: `cls` (the [CLS] vector), `mean` (masked mean of all tokens), or `pair` for text pairs:
     the means u, v of the two segments (token_type_ids 0 and 1) as [u, v, |u - v|, u * v], so the head
     compares the two texts directly. An n-gram bag adds its vector of the text (or, under `pair`, the
-    product and difference of the two segments' bags: their lexical overlap) before the classifier."""
+    product and difference of the two segments' bags) before the classifier; under `pair`, `overlap_vocab`
+    adds the two texts' char n-gram overlap (`tasks_mtl.ngrams.pair_overlap`)."""
 
     def __init__(self, hidden: int, num_labels: int, pooling: str = "cls", bag: NgramBag | None = None,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, overlap_vocab: int = 0):
         super().__init__()
         self.pooling = pooling
         parts = 4 if pooling == "pair" else 1
         self.pool = nn.Linear(parts * hidden, hidden)
         self.dropout = nn.Dropout(dropout)
         self.bag = bag
+        self.overlap_vocab = overlap_vocab  # > 0: the pair's n-gram overlap (3 features) reaches the classifier
         bag_dim = bag.unigrams.embedding_dim * (2 if pooling == "pair" else 1) if bag is not None else 0
-        self.classify = nn.Linear(hidden + bag_dim, num_labels)
+        self.classify = nn.Linear(hidden + bag_dim + (3 if overlap_vocab else 0), num_labels)
 
     def forward(self, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:  # (B, T, H) -> (B, C)
         mask = batch["attention_mask"].bool()  # (B, T)
@@ -54,6 +56,9 @@ class ClassificationHead(nn.Module):
             else:
                 bags = self.bag(ids, mask)  # (B, D)
             features = torch.cat([features, bags.to(features.dtype)], dim=-1)
+        if self.overlap_vocab:
+            overlap = pair_overlap(batch["input_ids"], first, second, self.overlap_vocab)  # (B, 3)
+            features = torch.cat([features, overlap.to(features.dtype)], dim=-1)
         return self.classify(features)
 
 
@@ -79,8 +84,11 @@ class ClassificationTask:
 
     def build_head(self, hidden: int, word_embeddings: nn.Embedding, ngrams: NgramTables | None = None,
                    window: int = 0) -> nn.Module:
-        bag = NgramBag(ngrams, word_embeddings.num_embeddings, self.cfg.ngram_bag) if self.cfg.ngram_bag else None
-        return ClassificationHead(hidden, len(self.labels), self.cfg.pooling, bag)
+        bag = None
+        if self.cfg.ngram_bag:
+            bag = NgramBag(ngrams, word_embeddings.num_embeddings, self.cfg.ngram_bag, norm=self.cfg.ngram_bag_norm)
+        overlap = word_embeddings.num_embeddings if self.cfg.pair_overlap else 0
+        return ClassificationHead(hidden, len(self.labels), self.cfg.pooling, bag, overlap_vocab=overlap)
 
     def logits(self, head: nn.Module, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:
         return head(hidden_states, batch)  # (B, C)

@@ -65,3 +65,16 @@ def test_a_features_only_stage_needs_tasks_with_features_and_no_freezing():
             {"name": "f", "features_only": True, "freeze_layers": "all", "steps": 2}]})
     cfg = load_config(None)
     assert not is_pretraining(cfg.training.stages[0], cfg.tasks)  # it does not make the encoder pretrained
+
+
+def test_head_options_belong_to_their_task_types():
+    from tasks_mtl.config import load_config
+
+    with pytest.raises(ValueError, match="belong to token_classification"):
+        load_config(None, overrides={"tasks.sentiment.window_weights": True})
+    with pytest.raises(ValueError, match="belong to token_classification"):
+        load_config(None, overrides={"tasks.nsp.crf": True})
+    with pytest.raises(ValueError, match="needs pooling: pair"):
+        load_config(None, overrides={"tasks.sentiment.pair_overlap": True})
+    cfg = load_config(None, overrides={"tasks.ner.window_weights": True})
+    assert cfg.tasks["ner"].window_weights and cfg.tasks["nsp"].pair_overlap and cfg.tasks["nsp"].has_features()

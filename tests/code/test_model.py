@@ -93,6 +93,34 @@ def test_crf_head_trains_and_decodes(tiny_tokenized):
     assert model.heads["ner"].crf.transitions.grad is not None
 
 
+@pytest.mark.parametrize("num_tags", [4, 89])
+def test_matmul_crf_matches_the_reference_crf(num_tags):
+    """The head's CRF computes the log-partition by matrix products and the gold score vectorised: the same
+    loss and gradients as torchcrf's loops, on ragged batches and with transitions far from zero."""
+    from torchcrf import CRF
+
+    from tasks_mtl.tasks.token_classification import _crf_class
+
+    torch.manual_seed(0)
+    reference, fast = CRF(num_tags, batch_first=True), _crf_class()(num_tags, batch_first=True)
+    with torch.no_grad():
+        for a, b in zip(reference.parameters(), fast.parameters()):
+            a.normal_(0, 3)
+            b.copy_(a)
+    emissions = torch.randn(6, 9, num_tags) * 4
+    tags = torch.randint(0, num_tags, (6, 9))
+    mask = torch.arange(9)[None, :] < torch.tensor([9, 1, 5, 7, 2, 9])[:, None]
+    grads = []
+    for crf in (reference, fast):
+        e = emissions.clone().requires_grad_(True)
+        loss = crf(e, tags, mask=mask, reduction="sum")
+        loss.backward()
+        grads.append((loss.detach(), e.grad, crf.transitions.grad))
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert fast.decode(emissions, mask) == reference.decode(emissions, mask)
+
+
 def test_batched_viterbi_decodes_each_sentence_as_alone(tiny_tokenized):
     """Prediction decodes a whole length batch with one CRF pass; every sentence gets the path it gets alone,
     whatever its neighbours' lengths (an empty token list included)."""
@@ -241,3 +269,23 @@ def test_pair_pooling_compares_the_two_segments():
     torch.testing.assert_close(mean(hidden, batch), mean(hidden, moved))
     with pytest.raises(ValueError, match="pair"):
         TaskConfig(type="classification", bundled="sentiment", labels=["a", "b"], pooling="pair")
+
+
+def test_pair_overlap_reaches_the_classifier():
+    """With `pair_overlap`, the classifier reads the two texts' n-gram overlap: on equal hidden states, a pair
+    that shares its characters scores apart from one that shares none, and a trained weight on the overlap
+    separates them."""
+    from tasks_mtl.tasks.classification import ClassificationHead
+
+    torch.manual_seed(0)
+    head = ClassificationHead(8, 2, "pair", overlap_vocab=20).eval()
+    assert head.classify.in_features == 8 + 3
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    shared = {"input_ids": torch.tensor([[1, 5, 6, 2, 5, 6, 2]]), "attention_mask": torch.ones(1, 7, dtype=torch.long),
+              "token_type_ids": types}
+    apart = shared | {"input_ids": torch.tensor([[1, 5, 6, 2, 7, 8, 2]])}
+    hidden = torch.zeros(1, 7, 8)
+    with torch.no_grad():
+        head.classify.weight.zero_()
+        head.classify.weight[1, 8:] = 1.0  # is_next reads the overlap
+        assert head(hidden, shared)[0, 1] > head(hidden, apart)[0, 1] + 1.0

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks_mtl.ngrams import BigramEmbedding, NgramBag, NgramTables, WindowFeatures, at_offset, ngram_keys
+from tasks_mtl.ngrams import (OVERLAP_SCALE, BigramEmbedding, NgramBag, NgramTables, WindowFeatures, WindowTagWeights, at_offset,
+                              ngram_keys, pair_overlap, window_index)
 from tasks_mtl.sampling import BatchOrder, build_sampler, length_batches
 from tasks_mtl.train import co_labelled_collator, co_labelled_groups, merge_features
 
@@ -56,6 +57,33 @@ def test_ngram_bag_ignores_padding():
     torch.testing.assert_close(short, padded)
 
 
+def test_ngram_bag_root_norm_keeps_the_weight_of_each_ngram_in_long_texts():
+    tables = NgramTables.build([[1, 2, 3, 4]] * 2, vocab=10, min_count=2)
+    torch.manual_seed(0)
+    mean = NgramBag(tables, vocab=10, dim=6).eval()
+    root = NgramBag(tables, vocab=10, dim=6, norm="sqrt").eval()
+    root.load_state_dict(mean.state_dict())
+    ids, mask = torch.tensor([[1, 2, 3, 4, 0]]), torch.tensor([[1, 1, 1, 1, 0]])
+    count = 4 + 3 + 2  # unigrams, known bigrams (1,2) (2,3) (3,4), known trigrams (1,2,3) (2,3,4)
+    torch.testing.assert_close(root(ids, mask), mean(ids, mask) * count ** 0.5)
+    doubled = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4]])  # the same text twice: the mean stays, the root grows
+    torch.testing.assert_close(mean(doubled, torch.ones_like(doubled)), mean(ids, mask))
+    assert root(doubled, torch.ones_like(doubled)).norm() > 1.3 * root(ids, mask).norm()
+
+
+def test_pair_overlap_counts_shared_ngrams_inside_each_text_only():
+    # [CLS] 5 6 7 [SEP] | 6 7 8 [SEP] [PAD]: n-grams across the boundary or into padding count for neither text
+    ids = torch.tensor([[1, 5, 6, 7, 2, 6, 7, 8, 2, 0]])
+    mask = torch.tensor([[1] * 9 + [0]]).bool()
+    second = torch.tensor([[0] * 5 + [1] * 4 + [1]]).bool() & mask
+    first = mask & ~second
+    got = pair_overlap(ids, first, second, vocab=10) / OVERLAP_SCALE
+    expected = [3 / 20 ** 0.5, 1 / 12 ** 0.5, 0.0]  # unigrams 6, 7, [SEP]; bigram (6, 7); no shared trigram
+    torch.testing.assert_close(got, torch.tensor([expected]))
+    unrelated = torch.tensor([[1, 5, 6, 7, 2, 3, 4, 8, 9, 0]])
+    assert pair_overlap(unrelated, first, second, vocab=10)[0, 1:].tolist() == [0.0, 0.0]
+
+
 def test_at_offset_reads_the_value_k_positions_away():
     values = torch.tensor([[1, 2, 3, 4]])
     assert at_offset(values, 2).tolist() == [[3, 4, 0, 0]]
@@ -100,6 +128,30 @@ def test_window_features_do_not_depend_on_padding():
     assert not torch.equal(in_batch[1, 3], alone[0, 3])  # there the right neighbours are real tokens
 
 
+def test_window_tag_weights_score_each_feature_and_tag_from_zero():
+    """A weight per (window slot, feature, tag): zero at first; a position's score is the sum of its slots'
+    rows, so it reads the same window as the shared features and nothing beyond it, padding included."""
+    window = _window()
+    tables = window.tables[0]
+    weights = WindowTagWeights(tables, vocab=10, num_tags=3)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    index = window_index(tables, ids, mask)  # (1, 8, 10)
+    assert index.shape == (1, 8, WindowFeatures.SLOTS)
+    assert torch.count_nonzero(weights(index)) == 0
+    assert index[0, 0, :2].tolist() == [0, 0] and index[0, 0, 2] == 2  # nothing left of the text; token id 1 -> row 2
+    assert index[0, 5, 3:5].tolist() == [0, 0]  # right of the last real token: padding, not features
+    with torch.no_grad():
+        for slot, emb in enumerate(weights.slots):
+            emb.weight.normal_()
+            emb.weight[0].zero_()
+    scores = weights(index)
+    expected = sum(weights.slots[s].weight[index[0, 3, s]] for s in range(WindowFeatures.SLOTS))
+    torch.testing.assert_close(scores[0, 3], expected)
+    alone = weights(window_index(tables, ids[:, :6], mask[:, :6]))
+    torch.testing.assert_close(scores[0, :6], alone[0])
+
+
 def test_token_batches_with_window_features_gain_a_direct_path_per_head(tiny_tokenized, tmp_path):
     from tasks_mtl.model import new_model
     from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
@@ -108,6 +160,7 @@ def test_token_batches_with_window_features_gain_a_direct_path_per_head(tiny_tok
     cfg = tiny_tokenized
     tasks = {n: t.model_copy(update={"window_features": True}) if t.type == "token_classification" else t
              for n, t in cfg.tasks.items()}
+    tasks["ner"] = tasks["ner"].model_copy(update={"window_weights": True})  # and tag weights of its own
     cfg = cfg.model_copy(update={"tasks": tasks})
     tokenizer = load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
     model = new_model(cfg, tokenizer, NgramTables.load(cfg.path(cfg.data.tokenized_dir)))
@@ -119,7 +172,9 @@ def test_token_batches_with_window_features_gain_a_direct_path_per_head(tiny_tok
     loss, _ = model("ner", batch)
     loss.backward()
     assert model.window.unigrams.weight.grad is not None and model.heads["ner"].wide.weight.grad is not None
-    window_ids = {id(p) for p in model.window.parameters()}
+    assert all(emb.weight.grad is not None and emb.weight.grad.is_sparse for emb in model.heads["ner"].lexical.slots)
+    assert getattr(model.heads["cws"], "lexical", None) is None
+    window_ids = {id(p) for p in [*model.window.parameters(), *model.heads["ner"].lexical.parameters()]}
     assert window_ids <= {id(p) for p in model.private_parameters()}  # sparse: summed, not surgery rows
     assert not window_ids & {id(p) for p in model.shared_parameters()}
 
@@ -130,6 +185,10 @@ def test_token_batches_with_window_features_gain_a_direct_path_per_head(tiny_tok
     again, _, meta = load_checkpoint(saved)
     assert meta["window_dim"] == cfg.encoder.window_dim
     with torch.no_grad():
+        for emb in model.heads["ner"].lexical.slots:  # non-zero tag weights, so the round trip must carry them
+            emb.weight[1:].normal_()
+        saved = save_checkpoint(model, tokenizer, tmp_path / "ckpt", max_length=64)
+        again, _, meta = load_checkpoint(saved)
         assert torch.equal(again.eval().logits("ner", batch), model.logits("ner", batch))
 
 

@@ -1,10 +1,12 @@
 """The registry on a real SQLite MLflow store: versions, aliases, promotion, rollback, loading."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
 from tasks_mtl import registry, tracking
 from tasks_mtl.gates import evaluate_gates
@@ -147,10 +149,19 @@ def test_resolve_model_dir(mlflow_cfg, fake_checkpoint):
         registry.resolve_model_dir(cfg, f"models:/{cfg.registry.model_name}/7")
 
 
-def test_pyfunc_returns_prediction_records(mlflow_cfg, fake_checkpoint):
+def test_pyfunc_returns_prediction_records(mlflow_cfg, fake_checkpoint, capfd):
+    """The registered model is models-from-code (its code file stored with it, nothing pickled), registering
+    warns about no serialisation, and fetching it shows no download bars."""
     cfg = mlflow_cfg
     registry.log_and_register(cfg, fake_checkpoint, METRICS, _gates(cfg, METRICS))
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.registry.model_name}/1"))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor.get("model_code_path") and "python_model" not in flavor
+    assert not list(local.rglob("*.pkl"))
+    assert "CloudPickle" not in capfd.readouterr().err
+    registry.resolve_model_dir(cfg, f"models:/{cfg.registry.model_name}/1")
+    assert "Downloading artifacts" not in capfd.readouterr().err
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@challenger")
     out = model.predict(pd.DataFrame({"text": ["很好", "太差了"], "text_pair": ["是的", None]}))
     assert [r["text"] for r in out] == ["很好", "太差了"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -95,7 +96,8 @@ def test_a_features_stage_fits_the_ngram_features_and_leaves_the_encoder_alone(t
     for key in ("window.unigrams.weight", "heads.ner.wide.weight", "heads.sentiment.bag.unigrams.weight",
                 "heads.sentiment.classify.weight"):
         assert not torch.equal(initial[key], fitted[key]), key
-    assert torch.equal(initial["heads.ner.crf.transitions"], fitted["heads.ner.crf.transitions"])  # CE, not CRF
+    # the CRF trains over the window features: the stage fits the linear-chain CRF the classical peer is
+    assert not torch.equal(initial["heads.ner.crf.transitions"], fitted["heads.ner.crf.transitions"])
     assert torch.equal(initial["heads.cws.emit.weight"], fitted["heads.cws.emit.weight"])  # cws has no features
     log = (cfg.path(cfg.training.output_dir) / "1-features.log.csv").read_text()
     assert "loss/ner" in log and "loss/cws" not in log and "lr/encoder" not in log
@@ -191,11 +193,19 @@ def test_cli_train_then_evaluate_end_to_end(tiny_cfg, monkeypatch):
     for command in (["tokenize"], ["train"], ["evaluate"]):
         result = runner.invoke(app, command, catch_exceptions=False)
         assert result.exit_code == 0, result.output
+        if command == ["train"]:  # not a terminal: a plain progress line at each stage's end
+            for stage in tiny_cfg.training.stages:
+                assert f"{stage.name} {stage.steps}/{stage.steps} (100%) | loss " in result.output, result.output
     metrics = json.loads((tiny_cfg.root / "reports" / "metrics.json").read_text())
     assert set(metrics) == set(tiny_cfg.tasks)
     assert {"accuracy", "macro_f1"} <= set(metrics["sentiment"])
     assert {"f1", "f1_PER", "precision", "recall"} <= set(metrics["ner"])
     assert {"accuracy", "perplexity"} <= set(metrics["mlm"])
+    confusion = json.loads((tiny_cfg.root / "reports" / "confusion.json").read_text())
+    assert set(confusion) == {"sentiment", "nsp"}  # the classification tasks
+    counts = np.array(confusion["sentiment"]["matrix"])
+    assert confusion["sentiment"]["labels"] == tiny_cfg.tasks["sentiment"].labels
+    assert np.trace(counts) / counts.sum() == pytest.approx(metrics["sentiment"]["accuracy"], abs=1e-6)
     result = runner.invoke(app, ["evaluate", "--split", "validation"], catch_exceptions=False)
     assert result.exit_code == 0 and "validation metrics per task" in result.output
     on_validation = json.loads((tiny_cfg.root / "reports" / "metrics_validation.json").read_text())
