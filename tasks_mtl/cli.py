@@ -138,9 +138,18 @@ def prepare(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
     """Build per-task train/validation/test splits (deduplicated, conflicts dropped) outside data/."""
     from tasks_mtl.data.prepare import prepare as run_prepare
 
+    from rich.table import Table
+
     cfg = _config(params, profile, set_)
     summary = run_prepare(cfg)
-    console.print_json(json.dumps(summary, ensure_ascii=False))
+    table = Table(title="prepared rows", caption=f"details: {cfg.data.prepared_dir}/summary.json")
+    for column in ("task", "train", "validation", "test", "duplicates removed", "conflicts dropped", "capped"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for task, splits in summary.items():
+        total = lambda key, splits=splits: str(sum(s.get(key, 0) for s in splits.values()))  # noqa: E731
+        table.add_row(task, *(str(splits.get(split, {}).get("rows", 0)) for split in ("train", "validation", "test")),
+                      total("duplicates_removed"), total("conflicts_dropped"), total("capped"))
+    console.print(table)
 
 
 @app.command()

@@ -44,7 +44,7 @@ def fakes(prefect_api, mlflow_cfg, fake_checkpoint, monkeypatch):
         (out / "meta.json").write_text("{}")
         return out
 
-    def train_stage(cfg, index, log=None):
+    def train_stage(cfg, index, log=None, progress=None):
         if calls["fail_stage_once"] == index:
             calls["fail_stage_once"] = None
             raise RuntimeError("worker lost")

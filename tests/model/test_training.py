@@ -63,6 +63,7 @@ def test_default_stages_fit_the_encoder():
     assert features.features_only and "mlm" not in features.task_names(scratch.tasks)
     assert set(features.task_names(scratch.tasks)) == {"sentiment", "ner", "cws", "pos", "nsp"}
     plain = load_config(None, overrides={"tasks.sentiment.ngram_bag": 0, "tasks.nsp.ngram_bag": 0,
+                                         "tasks.nsp.pair_overlap": False,
                                          **{f"tasks.{t}.window_features": False for t in ("ner", "cws", "pos")}})
     assert [s.name for s in plain.training.stages] == ["joint"]  # nothing for a features stage to fit
     pretrained = load_config(None, overrides={"encoder.pretrained": "/some/bert"})
@@ -187,6 +188,22 @@ def test_missing_pretrained_encoder_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_prepare_prints_a_short_table(tmp_path, monkeypatch):
+    import tasks_mtl.data.prepare
+
+    summary = {task: {"train": {"rows": 35127, "duplicates_removed": 1150, "conflicts_dropped": 18, "capped": 0},
+                      "validation": {"rows": 4274, "duplicates_removed": 58, "conflicts_dropped": 2, "capped": 0},
+                      "test": {"rows": 4378, "duplicates_removed": 71, "conflicts_dropped": 2, "capped": 0}}
+               for task in ("cws", "sentiment")}
+    monkeypatch.setattr(tasks_mtl.data.prepare, "prepare", lambda cfg: summary)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["prepare"], catch_exceptions=False)
+    assert result.exit_code == 0 and "prepared rows" in result.output and "{" not in result.output
+    assert len(result.output.splitlines()) < 15  # not 150 lines of JSON
+    row = next(line for line in result.output.splitlines() if " sentiment " in line)
+    assert [cell for cell in row.replace("│", " ").split()] == ["sentiment", "35127", "4274", "4378", "1279", "22", "0"]
+
+
 def test_cli_train_then_evaluate_end_to_end(tiny_cfg, monkeypatch):
     monkeypatch.chdir(tiny_cfg.root)
     runner = CliRunner()
