@@ -8,6 +8,8 @@ than the window become several windows (overflow), so no tag is lost in training
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -38,6 +40,7 @@ def pack_first_pieces(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return packed, mask
 
 
+@functools.cache  # one class for every head (torchcrf is imported only when a task uses a CRF)
 def _crf_class():
     from torchcrf import CRF
 
