@@ -115,7 +115,7 @@ def evaluate(cfg: Config, checkpoint_dir: Path, split: str = "test", predictor: 
 
 
 def final_checkpoint(cfg: Config) -> Path:
-    from tasks_mtl.train import stage_dir
+    from tasks_mtl.runlog import stage_dir
 
     return stage_dir(cfg, len(cfg.training.stages) - 1)
 
@@ -129,7 +129,8 @@ def report_path(cfg: Config, split: str) -> Path:
 
 def confusion_path(cfg: Config, split: str) -> Path:
     """reports/confusion.json (test split) or confusion_<split>.json: the classification tasks' counts."""
-    return report_path(cfg, split).with_name(report_path(cfg, split).name.replace("metrics", "confusion", 1))
+    metrics = report_path(cfg, split)
+    return metrics.with_name(metrics.name.replace("metrics", "confusion", 1))
 
 
 def evaluate_to_report(cfg: Config, checkpoint: Path | None = None, split: str = "test") -> dict:

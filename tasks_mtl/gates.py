@@ -25,7 +25,7 @@ from tasks_mtl.config import Config
 Metrics = dict[str, dict[str, float]]
 
 
-def _number(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
     """A finite float, or None: NaN or a non-numeric value can never pass a gate."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -53,7 +53,7 @@ def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None) -> d
 
     for task, floors in cfg.gates.thresholds.items():
         for metric, threshold in floors.items():
-            value = _number(metrics.get(task, {}).get(metric))
+            value = finite_number(metrics.get(task, {}).get(metric))
             lower = metric in lower_better
             op = "<=" if lower else ">="
             passed = value is not None and (value <= threshold if lower else value >= threshold)
@@ -68,7 +68,7 @@ def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None) -> d
         if task in cfg.gates.thresholds:
             continue
         values = metrics.get(task) or {}
-        passed = bool(values) and all(_number(v) is not None for v in values.values())
+        passed = bool(values) and all(finite_number(v) is not None for v in values.values())
         gates.append({
             "name": f"{task} reports finite metrics (no thresholds set)",
             "kind": "reported", "task": task, "metric": None, "threshold": None,
@@ -77,10 +77,10 @@ def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None) -> d
 
     for task, values in (champion or {}).items():
         for metric, champ_raw in values.items():
-            champ = _number(champ_raw)
+            champ = finite_number(champ_raw)
             if champ is None or metric not in metrics.get(task, {}):
                 continue  # only metrics both report; a new or dropped metric is the thresholds' job
-            value = _number(metrics[task][metric])
+            value = finite_number(metrics[task][metric])
             tol = _tolerance(cfg, metric)
             lower = metric in lower_better
             bound = champ + tol if lower else champ - tol

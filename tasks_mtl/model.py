@@ -132,12 +132,12 @@ class MultiTaskModel(nn.Module):
     def with_window(self, tasks: list[str], batch: dict) -> dict:
         """The batch plus `window_features` (B, T, 10 D) and `window_index` (B, T, 10) when one of `tasks`
         reads them (computed once for all)."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if self.window is not None and any(self.task_cfgs[t].window_features for t in tasks):
-            batch = batch | {"window_features": self.window(ids, mask)}
-        if any(self.task_cfgs[t].window_weights for t in tasks):
-            batch = batch | {"window_index": window_index(self.ngrams, ids, mask)}
-        return batch
+        features = self.window is not None and any(self.task_cfgs[t].window_features for t in tasks)
+        if not (features or any(self.task_cfgs[t].window_weights for t in tasks)):
+            return batch
+        index = window_index(self.ngrams, batch["input_ids"], batch["attention_mask"])
+        batch = batch | {"window_index": index}
+        return batch | {"window_features": self.window.embed(index)} if features else batch
 
     def logits(self, task: str, batch: dict, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The task head's output on a batch (prediction)."""

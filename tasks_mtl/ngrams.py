@@ -218,13 +218,15 @@ class WindowFeatures(nn.Module):
             self.trigrams.weight[0].zero_()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        real = mask.bool()  # (B, T)
-        tokens = self.unigrams(ids) * real[..., None]  # (B, T, D)
-        bigrams = self.bigrams(self.tables[0].lookup(ids, 2) * real)  # bigram ending at t; 0 = unknown or padding
-        trigrams = self.trigrams(self.tables[0].lookup(ids, 3) * real)
-        slots = [at_offset(tokens, k) for k in self.UNIGRAMS] + [at_offset(bigrams, k) for k in self.BIGRAM_ENDS]
-        slots.append(at_offset(trigrams, 1))  # the trigram (t-1, t, t+1) ends at t+1
-        return torch.cat(slots, dim=-1)  # (B, T, 10 D)
+        return self.embed(window_index(self.tables[0], ids, mask))
+
+    def embed(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, T, 10) slot indices (`window_index`) -> (B, T, 10 D): one lookup per kind of feature."""
+        tokens = index[..., : len(self.UNIGRAMS)]  # id + 1, 0 = none
+        unigrams = self.unigrams((tokens - 1).clamp(min=0)) * (tokens > 0)[..., None]  # (B, T, 5, D)
+        bigrams = self.bigrams(index[..., len(self.UNIGRAMS): self.SLOTS - 1])  # (B, T, 4, D); row 0 is zero
+        trigrams = self.trigrams(index[..., self.SLOTS - 1])  # (B, T, D)
+        return torch.cat([unigrams.flatten(-2), bigrams.flatten(-2), trigrams], dim=-1)
 
 
 def window_index(tables: NgramTables, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The model registry: versions, the `challenger` and `champion` aliases, promotion and rollback.
 
 Every trained model is logged as an MLflow pyfunc (models-from-code: tasks_mtl/pyfunc_model.py) wrapping
-its self-contained checkpoint directory and registered as a new version of `cfg.registry.model_name` with alias `challenger`.
+its self-contained checkpoint directory and registered as a new version of `cfg.registry.model_name`
+with alias `challenger`.
 Only `promote` moves `champion`, and only a passed gate (the retrain flow) or a person
 (`mtl promote`) calls it. Each promotion records who, why and when on the version, and the
 version it replaced, so `rollback` can walk back one champion at a time.

@@ -11,7 +11,6 @@ Reads files only (no Prefect, MLflow or torch); matplotlib is imported when a ch
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import json
@@ -21,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks_mtl.config import SPLITS, Config
-from tasks_mtl.gates import gate_summary
+from tasks_mtl.gates import finite_number, gate_summary
 from tasks_mtl.peers import HEADLINE, NOT_METRICS
+from tasks_mtl.runlog import read_logs, stage_log
 
 Points = list[tuple[int, float]]  # (global step, value)
 esc = html.escape
@@ -36,33 +36,16 @@ tr.fail { background: #fde2e2; } tr.pass { background: #eef8ee; } .note { color:
 .better { color: #1a7f37; } .worse { color: #c0392b; } .promote { background: #1a7f37; } .reject { background: #c0392b; }"""
 
 
-def stage_logs(cfg: Config) -> list[tuple[str, Path]]:
-    """(stage, log file) per configured stage, where tasks_mtl.train writes it (`<output_dir>/<n>-<stage>.log.csv`;
-    spelled out here so that the report does not import torch)."""
-    out = cfg.path(cfg.training.output_dir)
-    return [(s.name, out / f"{i + 1}-{s.name}.log.csv") for i, s in enumerate(cfg.training.stages or [])]
-
-
 def read_training_logs(cfg: Config) -> tuple[dict[str, dict[str, Points]], list[tuple[str, int]]]:
-    """{"loss"|"weight": {task: points}} across all stages, and (stage, last logged step) per logged stage.
-    The logs are long CSV (step, stage, metric, value); lines that do not parse are skipped."""
+    """{"loss"|"weight": {task: points}} across all stages, and (stage, last logged step) per logged stage."""
     series: dict[str, dict[str, Points]] = {"loss": {}, "weight": {}}
-    stages = []
-    for name, path in (item for item in stage_logs(cfg) if item[1].exists()):
-        last = None
-        with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                try:
-                    step, value = int(row["step"]), float(row["value"])
-                except (KeyError, TypeError, ValueError):
-                    continue  # e.g. the truncated last line of an interrupted stage
-                last = max(step, last or step)
-                kind, _, task = (row.get("metric") or "").partition("/")
-                if kind in series and task:
-                    series[kind].setdefault(task, []).append((step, value))
-        if last is not None:
-            stages.append((name, last))
-    return series, stages
+    last: dict[str, int] = {}
+    for step, stage, metric, value in read_logs(cfg):
+        last[stage] = max(step, last.get(stage, step))
+        kind, _, task = metric.partition("/")
+        if kind in series and task:
+            series[kind].setdefault(task, []).append((step, value))
+    return series, list(last.items())
 
 
 def _read_json(path: Path, sources: dict[str, str]) -> dict | None:
@@ -79,10 +62,6 @@ def _read_json(path: Path, sources: dict[str, str]) -> dict | None:
         return None
     sources[path.name] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
     return data
-
-
-def _number(value: Any) -> float | None:
-    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
 
 
 def _fmt(value: float | None) -> str:
@@ -184,7 +163,7 @@ def _confusion(entry: Any, labels: list[str]) -> tuple[list[list[int]], list[str
     if isinstance(entry, dict):
         entry, labels = entry.get("matrix"), entry.get("labels") or labels
     n = len(entry) if isinstance(entry, list) else 0
-    if not n or not all(isinstance(r, list) and len(r) == n and all(_number(c) is not None for c in r) for r in entry):
+    if not n or not all(isinstance(r, list) and len(r) == n and all(finite_number(c) is not None for c in r) for r in entry):
         return None
     names = [str(x) for x in labels] if len(labels) == n else [str(k) for k in range(n)]
     return [[int(c) for c in row] for row in entry], names
@@ -193,7 +172,8 @@ def _confusion(entry: Any, labels: list[str]) -> tuple[list[list[int]], list[str
 def _training_section(cfg: Config, colors: dict[str, str]) -> str:
     series, stages = read_training_logs(cfg)
     if not stages:
-        return _note(f"No training logs yet (looked for {', '.join(p.name for _, p in stage_logs(cfg))} "
+        return _note(f"No training logs yet (looked for "
+                     f"{', '.join(stage_log(cfg, i).name for i in range(len(cfg.training.stages or [])))} "
                      f"in {cfg.training.output_dir}).")
     return "\n".join([
         "<h3>Loss per task</h3>", line_chart("loss", series["loss"], stages, "loss (log scale)", colors, True),
@@ -218,12 +198,12 @@ def _metrics_section(cfg: Config, metrics: dict, champion: dict, peers: dict | N
     rows, groups, bars = [], [], {"this run": [], "champion": [], "peer": []}
     for task, values in metrics.items():
         gated = [m for m in cfg.gates.thresholds.get(task, {}) if m not in lower] or list(HEADLINE)
-        peer = {k: _number(v) for k, v in ((peers or {}).get(task) or {}).items() if k not in NOT_METRICS}
+        peer = {k: finite_number(v) for k, v in ((peers or {}).get(task) or {}).items() if k not in NOT_METRICS}
         for metric, raw in values.items():
-            value = _number(raw)
+            value = finite_number(raw)
             if value is None:
                 continue  # not a number: nothing to tabulate
-            champ, theirs = _number(champion.get(task, {}).get(metric)), peer.get(metric)
+            champ, theirs = finite_number(champion.get(task, {}).get(metric)), peer.get(metric)
             rows.append([esc(task), esc(metric), _fmt(value), _fmt(champ), delta(value, champ, metric),
                          _fmt(theirs), delta(value, theirs, metric)])
             if metric in gated:
@@ -238,12 +218,12 @@ def _metrics_section(cfg: Config, metrics: dict, champion: dict, peers: dict | N
 def _per_type_section(metrics: dict, champion: dict, peers: dict | None) -> str:
     parts = []
     for task, values in metrics.items():
-        kinds = [m for m in values if m.startswith("f1_") and _number(values[m]) is not None]
+        kinds = [m for m in values if m.startswith("f1_") and finite_number(values[m]) is not None]
         if not kinds:
             continue
-        bars = {"this run": [_number(values[m]) for m in kinds],
-                "champion": [_number(champion.get(task, {}).get(m)) for m in kinds],
-                "peer": [_number(((peers or {}).get(task) or {}).get(m)) for m in kinds]}
+        bars = {"this run": [finite_number(values[m]) for m in kinds],
+                "champion": [finite_number(champion.get(task, {}).get(m)) for m in kinds],
+                "peer": [finite_number(((peers or {}).get(task) or {}).get(m)) for m in kinds]}
         parts += [f"<h3>{esc(task)}</h3>", bar_chart(f"per-type-{task}", [m[3:] for m in kinds], bars, "F1")]
     return "\n".join(parts) or _note("No per-type F1 in the metrics (the ner task reports f1_PER, f1_LOC, f1_ORG).")
 
@@ -264,7 +244,7 @@ def _gates_section(gates: dict | None) -> str:
         return _note("No reports/gates.json yet: the pipeline writes it after evaluation.")
     rows, classes = [], []
     for g in gates["gates"]:
-        value, bound, champ = (_number(g.get(k)) for k in ("value", "threshold", "champion"))
+        value, bound, champ = (finite_number(g.get(k)) for k in ("value", "threshold", "champion"))
         rows.append([esc(str(g.get("name"))), esc(str(g.get("kind", ""))),
                      _fmt(value), _fmt(bound), _fmt(champ), "yes" if g.get("passed") else "<b>NO</b>"])
         classes.append("pass" if g.get("passed") else "fail")
@@ -294,7 +274,7 @@ def render_report(cfg: Config) -> str:
     summary = _read_json(cfg.path(cfg.data.prepared_dir) / "summary.json", sources)
     champion: dict[str, dict[str, float]] = {}
     for g in (gates or {}).get("gates", []):
-        if g.get("kind") == "no_regression" and g.get("task") and _number(g.get("champion")) is not None:
+        if g.get("kind") == "no_regression" and g.get("task") and finite_number(g.get("champion")) is not None:
             champion.setdefault(g["task"], {})[g.get("metric")] = g["champion"]
     colors = {task: f"C{i % 10}" for i, task in enumerate(dict.fromkeys([*cfg.tasks, *metrics]))}
     decision = (gates or {}).get("decision", "unknown")

@@ -73,8 +73,8 @@ def build_tokenizer(cfg: Config):
 
 def build_ngram_tables(cfg: Config, tokenizer):
     """Bigrams of all training text (the encoder's bigram embeddings, window features) and trigrams of the
-    texts of tasks whose heads read n-gram features (a bag, window features or window weights), as token-id keys; None when no part
-    of the model uses them."""
+    texts of tasks whose heads read n-gram features (a bag, window features or window weights), as token-id
+    keys; None when no part of the model uses them."""
     from tasks_mtl.ngrams import NgramTables
 
     bag_tasks = [n for n, t in cfg.tasks.items() if t.has_features()]

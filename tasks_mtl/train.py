@@ -28,6 +28,7 @@ from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.progress import ProgressFn
+from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
 from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
 from tasks_mtl.weighting import build_weighting
 
@@ -54,10 +55,6 @@ def bf16_fast(device: torch.device) -> bool:
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.training.bf16 if cfg.training.bf16 is not None else bf16_fast(device)
-
-
-def stage_dir(cfg: Config, index: int) -> Path:
-    return cfg.path(cfg.training.output_dir) / f"{index + 1}-{cfg.training.stages[index].name}"
 
 
 def stage_key(cfg: Config, index: int) -> str:
@@ -338,7 +335,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         torch.set_rng_state(state["rng"])
 
     # -- the loop --------------------------------------------------------------------------------------
-    log_file = out.with_name(out.name + ".log.csv")
+    log_file = stage_log(cfg, index)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if step == 0 and log_file.exists():
         log_file.unlink()
@@ -374,7 +371,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             metrics |= {f"weight/{t}": float(np.mean(v)) for t, v in weight_window.items()}  # mean over the window
             metrics |= learning_rates(optimizers[0])
             metrics |= {"tokens_per_s": tokens / (time.perf_counter() - started), "bf16": float(bf16)}
-            _append_log(log_file, offset + step, stage.name, metrics)
+            append_log(log_file, offset + step, stage.name, metrics)
             if log:
                 log(metrics, offset + step)
             if progress:
@@ -398,30 +395,15 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     return out
 
 
-def _append_log(path: Path, step: int, stage: str, metrics: dict[str, float]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new:
-            writer.writerow(["step", "stage", "metric", "value"])
-        for key, value in sorted(metrics.items()):
-            writer.writerow([step, stage, key, f"{value:.6g}"])
-
-
 def write_loss_report(cfg: Config) -> Path:
     """Collect every stage's loss log into reports/losses/<task>.csv (step,loss) for `dvc plots`."""
     out = cfg.path(cfg.reports_dir) / "losses"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rows: dict[str, list[tuple[int, str, str]]] = {}
-    for index in range(len(cfg.training.stages)):
-        log_file = stage_dir(cfg, index).with_name(stage_dir(cfg, index).name + ".log.csv")
-        if not log_file.exists():
-            continue
-        with log_file.open() as fh:
-            for row in csv.DictReader(fh):
-                if row["metric"].startswith("loss/"):
-                    rows.setdefault(row["metric"][5:], []).append((int(row["step"]), row["stage"], row["value"]))
+    for step, stage, metric, value in read_logs(cfg):
+        if metric.startswith("loss/"):
+            rows.setdefault(metric[5:], []).append((step, stage, f"{value:.6g}"))
     for task, values in rows.items():
         with (out / f"{task}.csv").open("w", newline="") as fh:
             writer = csv.writer(fh)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from tasks_mtl.cli import app
 from tasks_mtl.gates import evaluate_gates, write_gates
-from tasks_mtl.report import stage_logs, write_report
+from tasks_mtl.report import write_report
+from tasks_mtl.runlog import append_log, stage_log
 
 METRICS = {
     "sentiment": {"accuracy": 0.812345, "macro_f1": 0.80111},
@@ -35,10 +36,9 @@ SUMMARY = {task: {split: {"rows": rows, "duplicates_removed": 7, "conflicts_drop
 
 def write_logs(cfg, scale: float = 1.0) -> None:
     """Each stage's `<n>-<stage>.log.csv` through the trainer's own writer: losses falling, weights moving."""
-    from tasks_mtl.train import _append_log
-
     step = 0
-    for index, (stage, path) in enumerate(stage_logs(cfg)):
+    for index, stage_cfg in enumerate(cfg.training.stages):
+        stage, path = stage_cfg.name, stage_log(cfg, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         tasks = cfg.training.stages[index].task_names(cfg.tasks)
@@ -47,7 +47,7 @@ def write_logs(cfg, scale: float = 1.0) -> None:
             metrics = {f"loss/{t}": scale * (3.0 + i) / (step + k) for i, t in enumerate(tasks)}
             metrics |= {f"weight/{t}": 1.0 + 0.1 * i * k for i, t in enumerate(tasks)}
             metrics |= {"lr/encoder": 1e-3, "tokens_per_s": 1500.0 + index, "bf16": 0.0}
-            _append_log(path, step, stage, metrics)
+            append_log(path, step, stage, metrics)
 
 
 def write_inputs(cfg, monkeypatch, *, peers=True, champion=True, confusion=False) -> dict:

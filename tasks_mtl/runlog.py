@@ -1,0 +1,54 @@
+"""Where a training stage leaves its results, and its log's format: one place for the trainer that writes
+them and the readers (loss report, run report, evaluation) that must not import torch to find them.
+
+Stage `index` (0-based) of a run writes `<output_dir>/<index+1>-<name>/` (its checkpoint) and, beside it,
+`<index+1>-<name>.log.csv`: long CSV rows `step,stage,metric,value` (`loss/<task>`, `weight/<task>`,
+`lr/<group>`, `tokens_per_s`, ...), appended at each logging step.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks_mtl.config import Config
+
+HEADER = ["step", "stage", "metric", "value"]
+
+
+def stage_dir(cfg: Config, index: int) -> Path:
+    """The checkpoint directory of stage `index`."""
+    return cfg.path(cfg.training.output_dir) / f"{index + 1}-{cfg.training.stages[index].name}"
+
+
+def stage_log(cfg: Config, index: int) -> Path:
+    """The log file of stage `index`, beside its checkpoint directory."""
+    out = stage_dir(cfg, index)
+    return out.with_name(out.name + ".log.csv")
+
+
+def append_log(path: Path, step: int, stage: str, metrics: dict[str, float]) -> None:
+    """One logging step's metrics as rows of the stage's log (the header first, in a new file)."""
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(HEADER)
+        for key, value in sorted(metrics.items()):
+            writer.writerow([step, stage, key, f"{value:.6g}"])
+
+
+def read_logs(cfg: Config) -> Iterator[tuple[int, str, str, float]]:
+    """(step, stage, metric, value) of every stage's log that exists, in stage order; a row that does not
+    parse (the cut last line of an interrupted stage) is skipped."""
+    for index in range(len(cfg.training.stages or [])):
+        path = stage_log(cfg, index)
+        if not path.exists():
+            continue
+        with path.open(newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                try:
+                    yield int(row["step"]), row["stage"], row["metric"], float(row["value"])
+                except (KeyError, TypeError, ValueError):
+                    continue
