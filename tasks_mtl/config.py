@@ -189,7 +189,8 @@ def scratch_stages(tasks: dict[str, TaskConfig] | None = None) -> list[StageConf
        they saw under 3 passes and lagged far behind the peers.
     2. `joint`: every task, every layer training from the first step, the features tuned on.
     Sized for a 30-minute `make run` on 2 CPU cores (measured: 20.4 min, the joint stage at 0.43 s per step
-    of ~2,000 tokens in bf16; without bf16 ~0.6 s per step, about 25 min). Without a task that has n-gram features (`tasks`), only the joint stage."""
+    of ~2,000 tokens in bf16; the previous recipe's joint stage ran at 0.58 s per step on a host without
+    bf16). Without a task that has n-gram features (`tasks`), only the joint stage."""
     joint = StageConfig(name="joint", freeze_layers="none", steps=1700, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
                         sampler="fixed", sampler_args={"weights": DEFAULT_TASK_SHARES})
     if tasks is not None and not any(t.has_features() for t in tasks.values()):
