@@ -37,7 +37,15 @@ def new_encoder(cfg: Config, vocab_size: int, pad_token_id: int):
         from tasks_mtl.tokenization import require_local_model
 
         path = require_local_model(cfg.path(cfg.encoder.pretrained))
-        return BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
+        bert = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True)
+        # either mismatch would otherwise surface as an index error in the embeddings, mid-batch
+        if vocab_size > bert.config.vocab_size:
+            raise ValueError(f"encoder.pretrained: the vocabulary of {path} has {vocab_size} tokens, its "
+                             f"model embeds {bert.config.vocab_size}; vocab.txt and the weights must match")
+        if cfg.encoder.max_length > bert.config.max_position_embeddings:
+            raise ValueError(f"encoder.max_length {cfg.encoder.max_length} exceeds the "
+                             f"{bert.config.max_position_embeddings} positions of {path}; lower it")
+        return bert
     e = cfg.encoder
     config = BertConfig(
         vocab_size=vocab_size, hidden_size=e.hidden, num_hidden_layers=e.layers, num_attention_heads=e.heads,

@@ -18,11 +18,32 @@ TOKENIZER_DIR = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+# What a local Hugging Face BERT directory holds (bert-base-chinese's layout): one of each group. The older
+# pytorch_model.bin is a pickle: transformers reads it with torch.load(weights_only=True), which refuses any
+# object but tensors and plain containers.
+PRETRAINED_FILES = (
+    ("config.json",),
+    ("vocab.txt", "tokenizer.json"),
+    ("model.safetensors", "model.safetensors.index.json",  # weights, whole or sharded
+     "pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
+
+
 def require_local_model(path: Path) -> Path:
+    """`path` if it is a local BERT directory with a config, a vocabulary and weights; else one error that
+    names what is missing (before transformers reports it as a hub lookup or a tokenizer backend problem)."""
     if not path.is_dir():
         raise FileNotFoundError(
             f"encoder.pretrained: {path} is not a directory; give a local Hugging Face BERT directory "
             "(nothing is downloaded) or remove encoder.pretrained to build a small BERT from config"
+        )
+    missing = [" or ".join(group) for group in PRETRAINED_FILES
+               if not any((path / name).is_file() for name in group)]
+    if missing:
+        raise FileNotFoundError(
+            f"encoder.pretrained: {path} has no {'; no '.join(missing)}. A local Hugging Face BERT "
+            "directory holds config.json, vocab.txt and model.safetensors (or pytorch_model.bin), as "
+            "bert-base-chinese does"
         )
     return path
 
