@@ -312,3 +312,38 @@ def test_mismatched_vocabulary_or_a_window_beyond_the_positions_is_refused(tmp_p
     long = load_config(None, overrides={"encoder.pretrained": str(directory), "encoder.max_length": 128})
     with pytest.raises(ValueError, match="max_length 128 exceeds the 64 positions"):
         new_encoder(long, reference.config.vocab_size, 0)
+
+
+@pytest.mark.slow
+def test_the_bert_base_chinese_profile_runs_on_a_stand_in_at_its_path(tmp_path):
+    """params.yaml's `bert-base-chinese` profile: the published recipe's ranges, and every stage of it run on
+    the bundled data (shrunk) with a tiny BERT saved where the profile looks for the real one; on the CPU,
+    in fp32, with a window the tiny BERT's 64 positions hold and 3 steps a stage."""
+    import shutil
+
+    from e2e_helpers import REPO, env_for, ingest_shrunk
+
+    from tasks_mtl.data.prepare import prepare
+    from tasks_mtl.evaluate import evaluate_to_report
+    from tasks_mtl.tokenization import tokenize
+    from tasks_mtl.train import train_all
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    profile = load_config(tmp_path / "params.yaml", profile="bert-base-chinese")
+    assert profile.encoder.pretrained == Path("models/bert-base-chinese")
+    assert profile.training.device == "cuda" and profile.training.bf16
+    assert 128 <= profile.encoder.max_length <= 256 and profile.training.batch_size == 32
+    tuned = [s for s in profile.training.stages if s.freeze_layers != "all"]
+    assert tuned and all(2e-5 <= s.encoder_lr <= 5e-5 and 1e-4 <= s.head_lr <= 2e-3 for s in tuned)
+    assert profile.training.stages[0].freeze_layers == "all"  # the new heads first, on the frozen encoder
+
+    ingest_shrunk(tmp_path, env_for(tmp_path))
+    stand_in = {"training.device": "cpu", "training.bf16": False, "encoder.max_length": 64,
+                **{f"training.stages.{i}.steps": 3 for i in range(len(profile.training.stages))}}
+    cfg = load_config(tmp_path / "params.yaml", profile="bert-base-chinese", overrides=stand_in)
+    prepare(cfg)
+    save_tiny_bert(cfg.path(cfg.encoder.pretrained), project_characters(cfg.path(cfg.data.prepared_dir)))
+    tokenize(cfg)
+    metrics = evaluate_to_report(cfg, train_all(cfg))
+    assert set(metrics) == set(cfg.tasks) == {"sentiment", "ner", "cws", "pos", "nsp", "mlm"}
+    assert all(math.isfinite(v) for values in metrics.values() for v in values.values())
