@@ -11,6 +11,8 @@ Resolution order: code defaults <- params.yaml top level <- params.yaml profiles
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -261,6 +263,8 @@ class RegistryConfig(Strict):
 
 
 class Config(Strict):
+    profile: str = "default"  # the params.yaml profile this was loaded with (set by load_config; tags each version)
+    production: bool = True  # may this run's model become `champion`; a smoke profile says false (README, "Registry")
     seed: int = 1234
     root: Path = Path(".")  # directory relative paths are resolved against (params.yaml's)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -310,6 +314,11 @@ class Config(Strict):
         elif absent:
             raise ValueError(f"gates.thresholds names task(s) {absent} that the run does not train")
         return self
+
+    def config_hash(self) -> str:
+        """sha256 of the resolved configuration, `root` left out (where the checkout is, not what it runs)."""
+        resolved = self.model_dump(mode="json", exclude={"root"})
+        return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode("utf-8")).hexdigest()
 
     def path(self, p: Path | str) -> Path:
         """Resolve a configured path against the run root."""
@@ -370,6 +379,9 @@ def load_config(
     if chosen != "default" and chosen not in profiles:
         raise ValueError(f"unknown profile {chosen!r}; params.yaml defines {sorted(profiles) or 'none'}")
     profile_tree = copy.deepcopy(profiles.get(chosen, {}) or {})
+    if chosen != "default" and "production" not in profile_tree:  # whether its models may become champion
+        raise ValueError(f"profile {chosen!r} must say `production: true` or `production: false` (may its "
+                         "models become champion?)")
     dropped = [name for name, spec in (raw.get("tasks") or {}).items() if spec is None]
     for name in dropped:  # `nsp: null` at the top level is not undone by the profile's own `nsp:` entry
         (profile_tree.get("tasks") or {}).pop(name, None)
@@ -401,6 +413,7 @@ def load_config(
     base["gates"]["thresholds"] = {t: v for t, v in base["gates"]["thresholds"].items() if t in base["tasks"]}
     # Lists (stages) replace as a whole; dicts merge.
     full = deep_merge(base, merged)
+    full["profile"] = chosen  # what made this configuration, never a key to set
     if "root" in merged:
         full["root"] = root / merged["root"]
     if indexed:  # keys into lists (`training.stages.1.weighting=pcgrad`) edit the resolved stage list

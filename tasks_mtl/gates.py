@@ -8,6 +8,11 @@ Two kinds of gate, both on the test split:
   be worse by at most the metric's tolerance (`cfg.gates.tolerance[metric]`, else `["default"]`).
 - reported: a task of the run without thresholds (one a user added) must still report its metrics, all
   finite, so that every task of the run is gated and counted.
+- production: a run whose profile is not production-capable (`production: false`, the quick smoke run) fails
+  this gate, so its model never becomes champion however its metrics look.
+
+The result names the champion version it was judged against (`champion_version`): the registry promotes
+only while that version still holds `champion`.
 
 Pure functions: no MLflow, no files except `write_gates`. The registry decides what a decision
 means; this module only decides.
@@ -42,11 +47,13 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None) -> dict[str, Any]:
+def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None,
+                   champion_version: int | None = None) -> dict[str, Any]:
     """Check `metrics` (task -> metric -> value) against thresholds and the champion's metrics.
 
-    Returns {"decision": "promote"|"reject", "passed": bool, "gates": [...]}; each gate records
-    its name, kind, task, metric, threshold, value, champion value, tolerance and whether it passed.
+    Returns {"decision": "promote"|"reject", "passed": bool, "gates": [...], "profile", "champion_version"};
+    each gate records its name, kind, task, metric, threshold, value, champion value, tolerance and whether
+    it passed. `champion_version` is the version whose metrics `champion` holds (None: no champion).
     """
     lower_better = set(cfg.gates.lower_is_better)
     gates: list[dict[str, Any]] = []
@@ -93,8 +100,16 @@ def evaluate_gates(cfg: Config, metrics: Metrics, champion: Metrics | None) -> d
                 "champion": champ, "tolerance": tol, "passed": bool(passed),
             })
 
+    if not cfg.production:
+        gates.append({
+            "name": f"profile {cfg.profile!r} may move the champion (it says production: false)",
+            "kind": "production", "task": None, "metric": None, "threshold": None,
+            "value": None, "champion": None, "tolerance": None, "passed": False,
+        })
+
     passed = all(g["passed"] for g in gates)
-    return {"decision": "promote" if passed else "reject", "passed": passed, "gates": gates}
+    return {"decision": "promote" if passed else "reject", "passed": passed, "gates": gates,
+            "profile": cfg.profile, "champion_version": champion_version}
 
 
 def gate_summary(result: dict[str, Any]) -> str:
