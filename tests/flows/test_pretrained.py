@@ -181,6 +181,7 @@ def test_ner_spans_predicted_through_the_wordpiece_vocab_land_on_their_character
     assert len(records[-1]["ner"]) == 28  # every name and place of the long text, across window edges
 
 
+@pytest.mark.slow  # 11-16 s on an idle 2-core box; trains, registers and serves
 def test_pretrained_stages_freeze_then_evaluate_register_and_predict(bert_project, tmp_path, monkeypatch):
     from tasks_mtl import registry
     from tasks_mtl.checkpoint import load_checkpoint
