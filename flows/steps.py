@@ -82,6 +82,21 @@ def tokenize_step(cfg: Config, data_hash: str) -> Path:
     return tokenize(cfg)
 
 
+@task(name="fingerprint", cache_policy=NO_CACHE)
+def fingerprint_step(cfg: Config) -> str:
+    """The final training stage's key (`train.stage_key`): what the trainer reuses a finished stage on, so
+    the same key means the same model. Needs the tokenized data."""
+    from tasks_mtl.train import stage_key
+
+    return stage_key(cfg, len(cfg.training.stages) - 1)
+
+
+@task(name="unchanged", cache_policy=NO_CACHE)
+def same_version_step(cfg: Config, provenance: dict[str, str]) -> dict[str, Any] | None:
+    """The registered version made from the same configuration, data and fingerprint, if there is one."""
+    return registry.same_version(cfg, provenance)
+
+
 @task(name="train-stage", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def train_stage_step(cfg: Config, index: int, run_id: str, init_dir: Path | None = None) -> Path:
     """One training stage in its own nested MLflow run; `init_dir` (the previous stage's result)
@@ -116,27 +131,27 @@ def evaluate_step(cfg: Config, checkpoint: Path, run_id: str) -> dict[str, dict[
 
 
 @task(name="evaluate-champion", cache_policy=NO_CACHE)
-def champion_metrics_step(cfg: Config) -> dict[str, dict[str, float]] | None:
-    """The current champion's metrics on this run's test split, so the no-regression gates compare
-    like with like after the data changed; the metrics recorded at its registration only when the
-    champion cannot be evaluated here (e.g. its task set no longer matches the data)."""
+def champion_metrics_step(cfg: Config) -> dict[str, Any] | None:
+    """{"version", "metrics"} of the current champion, None without one. The metrics are its scores on this
+    run's test split, so the no-regression gates compare like with like after the data changed; the metrics
+    recorded at its registration only when the champion cannot be evaluated here (e.g. its task set no
+    longer matches the data). The version is what the gates were judged against: promotion checks it."""
     from tasks_mtl.evaluate import evaluate
 
-    try:
-        champion = registry.resolve_model_dir(cfg, None)
-    except registry.NoChampionError:
+    version = registry.champion_version(cfg)
+    if version is None:
         return None
+    champion = registry.resolve_model_dir(cfg, registry.version_uri(cfg, version))
     try:
-        return evaluate(cfg, champion)
+        return {"version": version, "metrics": evaluate(cfg, champion)}
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         get_run_logger().warning("champion not re-evaluated (%s); using its recorded metrics", err)
-        return registry.champion_metrics(cfg)
+        return {"version": version, "metrics": registry.version_metrics(cfg, version)}
 
 
 @task(name="gates", cache_policy=NO_CACHE)
-def gates_step(cfg: Config, metrics: dict[str, dict[str, float]],
-               champion: dict[str, dict[str, float]] | None) -> dict[str, Any]:
-    result = evaluate_gates(cfg, metrics, champion)
+def gates_step(cfg: Config, metrics: dict[str, dict[str, float]], champion: dict[str, Any] | None) -> dict[str, Any]:
+    result = evaluate_gates(cfg, metrics, champion and champion["metrics"], champion and champion["version"])
     write_gates(cfg, result)
     create_markdown_artifact(key="gate-decisions", markdown=gates_markdown(result), description=gate_summary(result))
     return result

@@ -249,6 +249,7 @@ def pipeline(
     params: ParamsOpt = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="register a version even when nothing changed since one")] = False,
 ) -> None:
     """Run the whole retraining flow locally: validate -> prepare -> tokenize -> train -> evaluate -> gates -> registry."""
     params = _params_file(params)
@@ -256,7 +257,13 @@ def pipeline(
     _prefect_home(cfg)
     from flows.retrain import run_local
 
-    result = run_local(cfg, params=params.resolve() if params else None, profile=profile, overrides=_overrides(set_))
+    result = run_local(cfg, params=params.resolve() if params else None, profile=profile, overrides=_overrides(set_),
+                       force=force)
+    if result.get("unchanged_since") is not None:
+        _print_metrics(result["metrics"])
+        console.print(f"nothing changed since version {result['unchanged_since']} (same configuration, data and "
+                      "training fingerprint): nothing registered; --force registers anyway")
+        return
     _print_metrics(result["metrics"])
     _print_gates(result["gates"])
     if result.get("error"):
@@ -274,7 +281,7 @@ def report(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = 
 
 @app.command()
 def models(params: ParamsOpt = None) -> None:
-    """List registered versions with aliases and key metrics."""
+    """List registered versions with aliases, the profile that made each, gate result and key metrics."""
     from rich.table import Table
 
     from tasks_mtl.registry import list_versions
@@ -282,10 +289,11 @@ def models(params: ParamsOpt = None) -> None:
     cfg = _config(params, None)
     rows = list_versions(cfg)
     table = Table(title=cfg.registry.model_name)
-    for col in ("version", "aliases", "created", "gate", "key metrics"):
+    for col in ("version", "aliases", "profile", "created", "gate", "key metrics"):
         table.add_column(col)
     for row in rows:
-        table.add_row(str(row["version"]), ",".join(row["aliases"]), row["created"], row["gate"], row["metrics"])
+        table.add_row(str(row["version"]), ",".join(row["aliases"]), row["profile"], row["created"], row["gate"],
+                      row["metrics"])
     console.print(table)
 
 
@@ -295,7 +303,7 @@ def promote(
     reason: Annotated[str, typer.Option(help="why (recorded as a tag)")] = "manual promotion",
     params: ParamsOpt = None,
 ) -> None:
-    """Move `champion` to VERSION by hand (recorded with who and why)."""
+    """Move `champion` to VERSION by hand (recorded with who and why); a smoke run's version is refused."""
     from tasks_mtl.registry import promote as run_promote
 
     cfg = _config(params, None)

@@ -40,10 +40,12 @@ def test_quick_pipeline_then_a_stricter_rerun(quick_root, monkeypatch):
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert set(metrics) == TASKS
     gates = json.loads((root / "reports" / "gates.json").read_text())
-    assert gates["decision"] == "promote", gates
-    assert _versions(root, monkeypatch) == {1: ["challenger", "champion"]}
+    failed = [g["kind"] for g in gates["gates"] if not g["passed"]]
+    assert failed == ["production"], gates  # every quality gate open; a smoke profile never crowns
+    assert _versions(root, monkeypatch) == {1: ["smoke"]}
     (root / "in.jsonl").write_text('{"text": "房间很干净，服务也好。"}\n', encoding="utf-8")
-    run([mtl, "predict", "--input", "in.jsonl", "--output", "out.jsonl"], root, env)  # default: the champion
+    run([mtl, "predict", "--input", "in.jsonl", "--output", "out.jsonl", "--model", "models:/mtl-bert-zh@smoke"],
+        root, env)
     record = json.loads((root / "out.jsonl").read_text(encoding="utf-8"))
     assert record["sentiment"]["label"] in {"negative", "positive"} and "".join(record["cws"]) == record["text"]
 
@@ -51,9 +53,9 @@ def test_quick_pipeline_then_a_stricter_rerun(quick_root, monkeypatch):
     run([mtl, "pipeline", "--profile", "quick", *relaxed, "-S", "gates.thresholds.sentiment.accuracy=1.01"], root, env)
     second_seconds = time.perf_counter() - start
     assert json.loads((root / "reports" / "gates.json").read_text())["decision"] == "reject"
-    assert _versions(root, monkeypatch) == {1: ["champion"], 2: ["challenger"]}
-    listing = run([mtl, "models", "--params", "params.yaml"], root, env).stdout
-    assert "champion" in listing and "failed" in listing
+    assert _versions(root, monkeypatch) == {1: [], 2: ["smoke"]}
+    listing = run([mtl, "models", "--params", "params.yaml"], root, env | {"COLUMNS": "200"}).stdout
+    assert "smoke" in listing and "quick" in listing and "failed" in listing
     print(f"\nquick pipeline wall time: first {first_seconds:.0f} s, rerun (stages done) {second_seconds:.0f} s")
 
 
