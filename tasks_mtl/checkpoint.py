@@ -5,9 +5,13 @@
     <dir>/heads.safetensors   heads, soft-sharing layers, bigram embeddings and window features
     <dir>/ngrams.safetensors  token-id n-gram tables (when bigram embeddings or n-gram bags are used)
     <dir>/mtl.json      tasks (type, tag/label set, sharing), encoder window, format version
+    <dir>/manifest.json size and sha256 of every file above, written last (tasks_mtl/manifest.py)
 
 A stage that is running also keeps `<dir>.resume/`: a checkpoint as above plus state.safetensors and
-state.json (optimizer, scheduler, sampler, batch order, RNG and loss-weighting state).
+state.json (optimizer, scheduler, sampler, batch order, RNG and loss-weighting state), in the same
+manifest. Every save is atomic (written aside, fsynced, renamed). Loading checks the files against the
+manifest, refuses a directory holding a pickle (a .bin/.pt/.pkl file), and refuses head weights that do
+not fit the model they are loaded into.
 """
 
 from __future__ import annotations
@@ -21,12 +25,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tasks_mtl.config import TaskConfig
+from tasks_mtl.manifest import replace_directory, verify_manifest, write_manifest
 
 FORMAT_VERSION = 1
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"}  # what torch.load would open
 
 
-def save_checkpoint(model, tokenizer, out: Path, max_length: int) -> Path:
-    """Write model + tokenizer into `out` (replaced atomically via a sibling temp dir)."""
+class CheckpointMismatchError(ValueError):
+    """Saved head weights that do not fit the configured model (a changed shape, a missing or extra parameter)."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint directory holds a file only a pickle loader reads."""
+
+
+def save_checkpoint(model, tokenizer, out: Path, max_length: int, state: dict[str, Any] | None = None) -> Path:
+    """Write model + tokenizer (and a training `state`, for a resume save) into `out`: all into a sibling temp
+    dir, flushed, checksummed in manifest.json, then renamed into place (tasks_mtl/manifest.py)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -49,10 +64,10 @@ def save_checkpoint(model, tokenizer, out: Path, max_length: int) -> Path:
         "tasks": {n: t.model_dump(mode="json") for n, t in model.task_cfgs.items()},
     }
     (tmp / "mtl.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    if state is not None:
+        save_state(state, tmp)
+    write_manifest(tmp)
+    return replace_directory(tmp, out)
 
 
 def read_meta(path: Path) -> dict:
@@ -66,7 +81,9 @@ def load_checkpoint(path: Path, tasks: dict[str, TaskConfig] | None = None, devi
     """Model and tokenizer from a checkpoint directory.
 
     `tasks` (the run's configuration) may differ from the saved ones when a later stage adds a task: its
-    head starts fresh. Without `tasks`, the saved task set is used (prediction).
+    head starts fresh; a saved task the run dropped is ignored. A task in both must fit its saved weights
+    exactly, else CheckpointMismatchError names it. Without `tasks`, the saved task set is used (prediction).
+    Files that fail the manifest raise CorruptCheckpointError; a pickle file raises UnsafeCheckpointError.
     """
     from transformers import AutoTokenizer, BertModel
     from transformers.utils import logging as hf_logging
@@ -76,19 +93,58 @@ def load_checkpoint(path: Path, tasks: dict[str, TaskConfig] | None = None, devi
     hf_logging.disable_progress_bar()
 
     path = Path(path)
+    refuse_pickles(path)
+    verify_manifest(path)  # older checkpoints have no manifest: nothing to check them against
     meta = read_meta(path)
     saved = {n: TaskConfig.model_validate(t) for n, t in meta["tasks"].items()}
-    bert = BertModel.from_pretrained(str(path / "encoder"), add_pooling_layer=False, local_files_only=True)
+    bert = BertModel.from_pretrained(str(path / "encoder"), add_pooling_layer=False, local_files_only=True,
+                                     use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
     from tasks_mtl.ngrams import NgramTables
 
     model = MultiTaskModel(bert, tasks or saved, NgramTables.load(path), bigram_dim=meta.get("bigram_dim", 0),
                            bigram_zero_init=meta.get("bigram_zero_init", False), window_dim=meta.get("window_dim", 0))
     heads = load_file(str(path / "heads.safetensors"))
-    own = model.state_dict()
-    usable = {k: v for k, v in heads.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(usable, strict=False)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("bert.")}
+    problems = head_mismatches(own, heads, fresh=set(tasks or saved) - set(saved))
+    if problems:
+        raise CheckpointMismatchError(f"{path}: the saved heads do not fit this configuration:\n  "
+                                      + "\n  ".join(problems))
+    model.load_state_dict({k: v for k, v in heads.items() if k in own}, strict=False)
     return model.to(device), tokenizer, meta
+
+
+def owner(key: str) -> str:
+    """Who a head parameter belongs to: "task 'ner'" for heads.ner.* and private.ner.*, else its module."""
+    parts = key.split(".")
+    return f"task {parts[1]!r}" if parts[0] in ("heads", "private") and len(parts) > 1 else f"module {parts[0]!r}"
+
+
+def head_mismatches(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], fresh: set[str]) -> list[str]:
+    """What keeps saved head weights from loading into `own` exactly. Parameters of a `fresh` task (one the
+    checkpoint lacks) may be missing; saved parameters nothing in the model owns (a dropped task) are ignored."""
+    owners = {owner(k) for k in own}
+    problems = []
+    for key in sorted(own.keys() & saved.keys()):
+        if own[key].shape != saved[key].shape:
+            problems.append(f"{owner(key)}: {key} is {tuple(saved[key].shape)} in the checkpoint but "
+                            f"{tuple(own[key].shape)} in the model (its labels or settings changed)")
+    fresh_owners = {f"task {t!r}" for t in fresh}
+    for key in sorted(own.keys() - saved.keys()):
+        if owner(key) not in fresh_owners:
+            problems.append(f"{owner(key)}: {key} is not in the checkpoint")
+    for key in sorted(saved.keys() - own.keys()):
+        if owner(key) in owners:
+            problems.append(f"{owner(key)}: the checkpoint has {key}, the model does not")
+    return problems
+
+
+def refuse_pickles(path: Path) -> None:
+    """Checkpoints are safetensors and JSON; a file that only a pickle loader reads is refused, not opened."""
+    found = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise UnsafeCheckpointError(f"{path}: holds pickle file(s) {found}; a checkpoint is safetensors and JSON "
+                                    "only, and pickles are never loaded")
 
 
 # ---- flat state: nested dicts/lists of tensors and JSON values <-> (safetensors, JSON) -------------
