@@ -229,6 +229,7 @@ class TrainingConfig(Strict):
     eval_batch_size: int = 64
     grad_accum: int = 1  # batches per optimizer step
     clip_norm: float = 1.0  # 0 disables clipping
+    max_nonfinite_steps: int = Field(10, ge=0)  # steps with a NaN/inf loss a stage skips before it stops
     weight_decay: float = 0.01
     bf16: bool | None = None  # autocast to bfloat16; None: on where the device runs it fast (avx512_bf16/AMX CPU, GPU)
     device: str = "auto"  # auto: cuda when present, else cpu

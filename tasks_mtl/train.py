@@ -4,7 +4,9 @@ A stage starts from the previous stage's checkpoint (or a fresh encoder), trains
 tasks with its own freezing, learning rates, loss weighting and task sampler, and writes a
 checkpoint directory plus `done.json`. Calling a finished stage again returns at once; a stage
 that was interrupted resumes from its last `<dir>.resume/` save with optimizer, scheduler,
-sampler, batch order, RNG and weighting state, so the result matches an uninterrupted run.
+sampler, batch order, RNG and weighting state, so the result matches an uninterrupted run (a broken
+or stale save is skipped: tasks_mtl/resume.py). A step with a NaN or infinite loss or gradient moves
+nothing and is counted; too many stop the stage (tasks_mtl/nonfinite.py).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks_mtl.checkpoint import load_checkpoint, load_state, save_checkpoint, save_state
+from tasks_mtl.checkpoint import load_checkpoint, save_checkpoint
 from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
+from tasks_mtl.nonfinite import NonFiniteSteps
 from tasks_mtl.progress import ProgressFn
+from tasks_mtl.resume import discard_resume, find_resume, restore, training_state, trim_log
 from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
 from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
 from tasks_mtl.weighting import build_weighting
@@ -66,7 +70,7 @@ def stage_key(cfg: Config, index: int) -> str:
         "encoder": cfg.encoder.model_dump(mode="json"),
         "tasks": {n: t.model_dump(mode="json") for n, t in cfg.tasks.items()},
         "training": cfg.training.model_dump(mode="json", exclude={"stages", "output_dir", "log_every", "save_every",
-                                                                  "threads", "device"}),
+                                                                  "threads", "device", "max_nonfinite_steps"}),
         "stages": [s.model_dump(mode="json") for s in cfg.training.stages[: index + 1]],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -263,14 +267,16 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     if is_done(cfg, index):
         return out
     resume_dir = out.with_name(out.name + ".resume")
+    key = stage_key(cfg, index)
+    resume = find_resume(resume_dir, key)  # (directory, state) of the last good save of this stage, or None
     device = resolve_device(cfg)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     torch.manual_seed(cfg.seed + index)
 
     # -- model: previous stage's checkpoint, or a fresh encoder with a corpus tokenizer --------------
-    if resume_dir.exists():
-        model, tokenizer, _ = load_checkpoint(resume_dir, cfg.tasks, device)
+    if resume is not None:
+        model, tokenizer, _ = load_checkpoint(resume[0], cfg.tasks, device)
     elif index > 0:
         previous = stage_dir(cfg, index - 1)
         if not is_done(cfg, index - 1):
@@ -320,30 +326,23 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     bf16 = use_bf16(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    step = 0
-    if resume_dir.exists():
-        state = load_state(resume_dir)
-        step = state["step"]
-        for optimizer, saved in zip(optimizers, state["optimizer"]):
-            optimizer.load_state_dict(saved)
-        for scheduler, saved in zip(schedulers, state["scheduler"]):
-            scheduler.load_state_dict(saved)
-        sampler.load_state_dict(state["sampler"])
-        weighting.load_state_dict(state["weighting"])
-        for t, order in state["batches"].items():
-            data[t].order.load_state_dict(order)
-        torch.set_rng_state(state["rng"])
+    step, nonfinite = 0, NonFiniteSteps(stage.name, cfg.training.max_nonfinite_steps)
+    if resume is not None:
+        step, nonfinite.count = resume[1]["step"], resume[1]["nonfinite"]
+        restore(resume[1], optimizers, schedulers, sampler, weighting, data)
+        logger.warning("stage %r resumes at step %d of %d from %s", stage.name, step, total, resume[0])
 
     # -- the loop --------------------------------------------------------------------------------------
     log_file = stage_log(cfg, index)
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    if step == 0 and log_file.exists():
-        log_file.unlink()
+    offset = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages[:index])  # global step
+    trim_log(log_file, offset + step)  # rows an interrupted run wrote after its last save (all, from step 0)
     window: dict[str, list[float]] = {}
     started, tokens = time.perf_counter(), 0
-    offset = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages[:index])  # global step
     weight_window: dict[str, list[float]] = {}
     while step < total:
+        weighting_before = {k: v.clone() for k, v in weighting.state_dict().items()}  # put back if skipped
+        bad = None  # why this step is skipped: the first NaN/inf loss, or gradient norm
         for _ in range(cfg.training.grad_accum):
             losses = {}
             for stream in sampler.next():
@@ -353,15 +352,27 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                     outputs = model.forward_tasks(data[stream].tasks, batch, stage.features_only)
                 for task, (loss, _) in outputs.items():
                     losses[task] = loss / cfg.training.grad_accum
-                    window.setdefault(task, []).append(loss.item())
-            for task, w in weighting.backward(losses, shared, private).items():
-                weight_window.setdefault(task, []).append(w)
-        if cfg.training.clip_norm > 0:  # the model's dense parameters: not the weighting's, not sparse tables
-            torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)
-        for optimizer, scheduler in zip(optimizers, schedulers):
-            optimizer.step()
+                    value = loss.item()
+                    if math.isfinite(value):
+                        window.setdefault(task, []).append(value)
+                    elif bad is None:
+                        bad = f"task {task!r} has a loss of {value}"
+            if bad is None:
+                for task, w in weighting.backward(losses, shared, private).items():
+                    weight_window.setdefault(task, []).append(w)
+        if bad is None and cfg.training.clip_norm > 0:  # dense model parameters: not the weighting's or sparse tables
+            norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)
+            if not torch.isfinite(norm):
+                bad = f"the gradient norm is {float(norm)} (tasks {', '.join(sorted(losses))})"
+        if bad is None:
+            for optimizer in optimizers:
+                optimizer.step()
+            weighting.after_step()
+        else:  # nothing moves; past the limit the stage stops here
+            nonfinite.skip(step + 1, bad)
+            weighting.load_state_dict(weighting_before)
+        for scheduler in schedulers:
             scheduler.step()
-        weighting.after_step()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -371,6 +382,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             metrics |= {f"weight/{t}": float(np.mean(v)) for t, v in weight_window.items()}  # mean over the window
             metrics |= learning_rates(optimizers[0])
             metrics |= {"tokens_per_s": tokens / (time.perf_counter() - started), "bf16": float(bf16)}
+            if nonfinite.count:
+                metrics["nonfinite_steps"] = float(nonfinite.count)
             append_log(log_file, offset + step, stage.name, metrics)
             if log:
                 log(metrics, offset + step)
@@ -378,20 +391,15 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                 progress(stage.name, step, total, metrics)
             window, weight_window = {}, {}
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
-            save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length)
-            save_state({
-                "step": step, "optimizer": [o.state_dict() for o in optimizers],
-                "scheduler": [s.state_dict() for s in schedulers],
-                "sampler": sampler.state_dict(), "weighting": weighting.state_dict(),
-                "batches": {t: d.order.state_dict() for t, d in data.items()}, "rng": torch.get_rng_state(),
-            }, resume_dir)
+            state = training_state(step, key, optimizers, schedulers, sampler, weighting, data, nonfinite.count)
+            save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length, state=state)
             if step == stop_after:
                 return resume_dir
 
     save_checkpoint(model, tokenizer, out, cfg.encoder.max_length)
-    (out / "done.json").write_text(json.dumps({"key": stage_key(cfg, index), "steps": total,
+    (out / "done.json").write_text(json.dumps({"key": key, "steps": total, "nonfinite_steps": nonfinite.count,
                                                "seconds": round(time.perf_counter() - started, 1)}))
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    discard_resume(resume_dir)
     return out
 
 
