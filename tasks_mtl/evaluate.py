@@ -4,10 +4,15 @@ Metrics: classification and pairs -> accuracy, macro_f1; token tasks -> accuracy
 span precision/recall/F1 by seqeval (entity F1 for NER, word F1 for segmentation, joint word+tag
 F1 for POS; F1 per type when a task has at most 10 types); MLM -> masked-token accuracy and
 perplexity. `multi_task_gain` compares against single-task runs (delta-m).
+
+Determinism: rows are scored in a fixed order (sorted by length, stably) and fixed batches of
+`training.eval_batch_size`, and each MLM text gets masks seeded by the run's seed and the text itself,
+so the same checkpoint and data score the same in any process (tests/model/test_reliability.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -59,18 +64,28 @@ def tagging_metrics(pred: list[list[str]], gold: list[list[str]], cfg: TaskConfi
     return metrics
 
 
+def text_seed(seed: int, text: str) -> int:
+    """The masking seed of one text: from the run's seed and the text only, not from the batch it lands in."""
+    return seed * 1_000_003 + int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:12], 16)
+
+
 @torch.no_grad()
 def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) -> dict[str, float]:
-    """Masked-token accuracy and perplexity with a fixed masking seed (same masks for every model)."""
+    """Masked-token accuracy and perplexity. Each text is masked on its own (`text_seed`): the same masks for
+    every model with this tokenizer, whatever the batch size, the order or the other texts."""
+    from torch.nn.utils.rnn import pad_sequence
+
     model, tokenizer = predictor.model, predictor.tokenizer
-    collate = model.task_types[task].collator(tokenizer, seed=seed)
+    padding = {"input_ids": tokenizer.pad_token_id, "labels": -100}  # other columns pad with 0
     total_loss, correct, count = 0.0, 0, 0
     texts = sorted(texts, key=len)  # similar lengths per batch: little padding (the metrics are order-free)
     for start in range(0, len(texts), predictor.batch_size):
-        enc = tokenizer(texts[start:start + predictor.batch_size], truncation=True, max_length=predictor.window,
-                        return_special_tokens_mask=True)
-        rows = [{k: enc[k][i] for k in enc} for i in range(len(enc["input_ids"]))]
-        batch = {k: v.to(predictor.device) for k, v in collate(rows).items()}
+        chunk = texts[start:start + predictor.batch_size]
+        enc = tokenizer(chunk, truncation=True, max_length=predictor.window, return_special_tokens_mask=True)
+        collators = [model.task_types[task].collator(tokenizer, seed=text_seed(seed, text)) for text in chunk]
+        masked = [collate([{k: enc[k][i] for k in enc}]) for i, collate in enumerate(collators)]  # (1, L_i)
+        batch = {k: pad_sequence([m[k][0] for m in masked], batch_first=True, padding_value=padding.get(k, 0))
+                 .to(predictor.device) for k in masked[0]}
         labels = batch["labels"]
         selected = labels != -100
         if not selected.any():

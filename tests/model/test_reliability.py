@@ -1,12 +1,16 @@
-"""Reliability of training on the tiny project: broken resume saves are skipped (never loaded), and NaN/inf
-losses skip their step up to a limit and then stop the stage."""
+"""Reliability of training and evaluation on the tiny project: broken resume saves are skipped (never
+loaded), NaN/inf losses skip their step up to a limit and then stop the stage, and evaluation scores a
+checkpoint the same in any process and with any batch size."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,3 +157,46 @@ def test_too_many_nonfinite_losses_stop_the_stage_naming_task_and_step(projects,
                                                  r"nan.*more than training\.max_nonfinite_steps = 1"):
         train_stage(cfg, 0)
     assert not stage_dir(cfg, 0).exists()  # no finished checkpoint for evaluation or the registry to pick up
+
+
+# -- evaluation determinism -------------------------------------------------------------------------------
+
+SCORE = r"""
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+from tasks_mtl.config import load_config
+from tasks_mtl.evaluate import evaluate
+confusion = {}
+metrics = evaluate(load_config(sys.argv[1]), sys.argv[2], confusion=confusion)
+print(json.dumps({"metrics": metrics, "confusion": confusion}, sort_keys=True))
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_scores_the_same_in_two_processes(projects):
+    _, straight = projects
+    checkpoint = stage_dir(load_config(straight / "params.yaml"), 0)
+    results = []
+    for threads, hash_seed in ((1, "1"), (2, "2")):  # other thread counts, other str hashing
+        env = os.environ | {"PYTHONHASHSEED": hash_seed}
+        done = subprocess.run([sys.executable, "-c", SCORE, str(straight / "params.yaml"), str(checkpoint),
+                               str(threads)], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert set(results[0]["metrics"]) == {"sentiment", "ner", "cws", "nsp", "mlm"}
+    assert results[0] == results[1]  # exactly: every metric and confusion count
+
+
+def test_mlm_masks_do_not_depend_on_the_batch_size(projects):
+    from tasks_mtl.data.prepare import read_split
+    from tasks_mtl.evaluate import mlm_metrics
+    from tasks_mtl.predict import Predictor
+
+    _, straight = projects
+    cfg = load_config(straight / "params.yaml")
+    texts = [r["text"] for r in read_split(cfg, "mlm", "test")]
+    scores = [mlm_metrics(Predictor.from_dir(stage_dir(cfg, 0), batch_size=size), "mlm", texts, cfg.seed)
+              for size in (1, 5, 64)]
+    assert [s["accuracy"] for s in scores] == [scores[0]["accuracy"]] * 3
+    for s in scores[1:]:  # the same masked tokens: only float sums differ with padding and grouping
+        assert s["perplexity"] == pytest.approx(scores[0]["perplexity"], rel=1e-5)
