@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tasks_mtl.checkpoint import load_checkpoint, save_checkpoint
+from tasks_mtl.crf_fit import fit_window_crfs
 from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
@@ -297,6 +298,13 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
 
     # -- data, sampler, weighting, optimizer ------------------------------------------------------------
     tasks = stage.task_names(cfg.tasks)
+    if stage.features_only:  # window CRFs with an L-BFGS fit get it first (a resume save holds it already)
+        fitted = [t for t in tasks if cfg.tasks[t].lbfgs_iterations > 0]
+        if resume is None:
+            fit_window_crfs(cfg, model, fitted, load_features)
+        tasks = [t for t in tasks if t not in fitted]
+        if not tasks:  # nothing left for SGD
+            return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": 0, "nonfinite_steps": 0})
     data = stream_data(cfg, model, tokenizer, tasks, index)
     sizes = {name: len(d.features) for name, d in data.items()}
     total = stage_steps(cfg, stage, sizes)
@@ -396,10 +404,16 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             if step == stop_after:
                 return resume_dir
 
+    return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": total, "nonfinite_steps": nonfinite.count,
+                                                       "seconds": round(time.perf_counter() - started, 1)})
+
+
+def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done: dict) -> Path:
+    """Save the stage's checkpoint, mark it done (`done`: its key and figures) and drop its resume saves."""
+    out = stage_dir(cfg, index)
     save_checkpoint(model, tokenizer, out, cfg.encoder.max_length)
-    (out / "done.json").write_text(json.dumps({"key": key, "steps": total, "nonfinite_steps": nonfinite.count,
-                                               "seconds": round(time.perf_counter() - started, 1)}))
-    discard_resume(resume_dir)
+    (out / "done.json").write_text(json.dumps(done))
+    discard_resume(out.with_name(out.name + ".resume"))
     return out
 
 
