@@ -2,15 +2,13 @@
 
 Retries and caching are declared on the decorators. Steps that must run every time (they read
 the registry or write reports) say so with `cache_policy=NO_CACHE`; tokenize is cached on the
-data version and the settings that shape its output, so an unchanged rerun skips it; training
+data version, the settings that shape its output and the code, so an unchanged rerun skips it; training
 stages retry once and are idempotent themselves (`train_stage` returns at once when the stage's
 `done.json` matches), so a retried flow never repeats a finished stage.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from prefect.context import TaskRunContext
 
 from tasks_mtl import registry, tracking
 from tasks_mtl.config import Config
+from tasks_mtl.fingerprint import fingerprint
 from tasks_mtl.gates import evaluate_gates, gate_summary, write_gates
 
 
@@ -58,21 +57,14 @@ def prepare_step(cfg: Config) -> dict:
 
 
 def tokenize_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Data version + every setting the tokenized output depends on + where it lives.
+    """Data version + every setting the tokenized output depends on + where it lives + the package source
+    (tasks_mtl/fingerprint.py: the same fingerprint as the stage key and the tokenized cache).
 
     (The flow refreshes the cache when the output directory has gone missing.)
     """
     cfg: Config = parameters["cfg"]
-    out = cfg.path(cfg.data.tokenized_dir)
-    relevant = {
-        "data_hash": parameters["data_hash"],
-        "seed": cfg.seed,
-        "encoder": cfg.encoder.model_dump(mode="json"),
-        "tasks": {name: t.model_dump(mode="json") for name, t in cfg.tasks.items()},
-        "data": cfg.data.model_dump(mode="json"),
-        "out": str(out),
-    }
-    return "tokenize-" + hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+    return "tokenize-" + fingerprint(parameters["data_hash"], seed=cfg.seed, encoder=cfg.encoder,
+                                     tasks=dict(cfg.tasks), data=cfg.data, out=str(cfg.path(cfg.data.tokenized_dir)))
 
 
 @task(name="tokenize", cache_key_fn=tokenize_cache_key, persist_result=True)

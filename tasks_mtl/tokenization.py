@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from tasks_mtl.config import Config
+from tasks_mtl.fingerprint import fingerprint
 
 TOKENIZER_DIR = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -115,15 +116,14 @@ def load_tokenizer(path: Path):
 
 
 def _inputs_hash(cfg: Config) -> str:
-    """What the tokenized cache depends on: the prepared data and the tokenizer/task settings."""
+    """What the tokenized cache depends on: the prepared data, the tokenizer/task settings and the package
+    source (tasks_mtl/fingerprint.py)."""
     prepared = cfg.path(cfg.data.prepared_dir)
     digest = hashlib.sha256()
     for file in sorted(prepared.rglob("*.jsonl")):
         digest.update(str(file.relative_to(prepared)).encode())
         digest.update(hashlib.sha256(file.read_bytes()).digest())
-    digest.update(cfg.encoder.model_dump_json().encode())
-    digest.update(json.dumps({n: t.model_dump(mode="json") for n, t in cfg.tasks.items()}, sort_keys=True).encode())
-    return digest.hexdigest()
+    return fingerprint(digest.hexdigest(), encoder=cfg.encoder, tasks=dict(cfg.tasks))
 
 
 def tokenize(cfg: Config, splits: tuple[str, ...] = ("train",)) -> Path:
