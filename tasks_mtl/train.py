@@ -12,7 +12,6 @@ nothing and is counted; too many stop the stage (tasks_mtl/nonfinite.py).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -27,6 +26,8 @@ import torch
 
 from tasks_mtl.checkpoint import load_checkpoint, save_checkpoint
 from tasks_mtl.crf_fit import fit_window_crfs
+from tasks_mtl.fingerprint import fingerprint
+from tasks_mtl.tfidf import fit_tfidf_heads
 from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
@@ -63,18 +64,18 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 
 def stage_key(cfg: Config, index: int) -> str:
-    """Hash of everything the stage's result depends on (config of this and earlier stages, data, seed)."""
+    """Fingerprint of everything the stage's result depends on: config of this and earlier stages, the
+    tokenized data, seed, and the package source (tasks_mtl/fingerprint.py), so a code edit retrains."""
     meta = cfg.path(cfg.data.tokenized_dir) / "meta.json"
-    parts = {
-        "tokenized": json.loads(meta.read_text()).get("inputs") if meta.exists() else None,
-        "seed": cfg.seed,
-        "encoder": cfg.encoder.model_dump(mode="json"),
-        "tasks": {n: t.model_dump(mode="json") for n, t in cfg.tasks.items()},
-        "training": cfg.training.model_dump(mode="json", exclude={"stages", "output_dir", "log_every", "save_every",
-                                                                  "threads", "device", "max_nonfinite_steps"}),
-        "stages": [s.model_dump(mode="json") for s in cfg.training.stages[: index + 1]],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return fingerprint(
+        json.loads(meta.read_text()).get("inputs") if meta.exists() else None,
+        seed=cfg.seed,
+        encoder=cfg.encoder,
+        tasks=dict(cfg.tasks),
+        training=cfg.training.model_dump(mode="json", exclude={"stages", "output_dir", "log_every", "save_every",
+                                                               "threads", "device", "max_nonfinite_steps"}),
+        stages=cfg.training.stages[: index + 1],
+    )
 
 
 def is_done(cfg: Config, index: int) -> bool:
@@ -148,7 +149,7 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
         for p in model.bigrams.parameters():
             add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
     for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
-        ngram = ".bag." in f".{name}" or ".lexical." in f".{name}"  # n-gram tables at their own rate
+        ngram = any(part in f".{name}" for part in (".bag.", ".lexical.", ".tfidf."))  # n-gram models: own rate
         add("heads", stage.ngram_lr if ngram else stage.head_lr, p)
     for p in model.window.parameters() if model.window is not None else []:
         add("heads", stage.ngram_lr, p)
@@ -298,10 +299,11 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
 
     # -- data, sampler, weighting, optimizer ------------------------------------------------------------
     tasks = stage.task_names(cfg.tasks)
-    if stage.features_only:  # window CRFs with an L-BFGS fit get it first (a resume save holds it already)
-        fitted = [t for t in tasks if cfg.tasks[t].lbfgs_iterations > 0]
+    if stage.features_only:  # heads fitted by convex solvers get it first (a resume save holds it already)
+        fitted = [t for t in tasks if cfg.tasks[t].fitted()]
         if resume is None:
             fit_window_crfs(cfg, model, fitted, load_features)
+            fit_tfidf_heads(cfg, model, fitted, load_features)
         tasks = [t for t in tasks if t not in fitted]
         if not tasks:  # nothing left for SGD
             return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": 0, "nonfinite_steps": 0})

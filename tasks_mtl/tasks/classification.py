@@ -7,6 +7,7 @@ from torch import nn
 
 from tasks_mtl.config import TaskConfig
 from tasks_mtl.ngrams import NgramBag, NgramTables, pair_overlap
+from tasks_mtl.tfidf import TfidfScores
 
 
 def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -22,10 +23,11 @@ class ClassificationHead(nn.Module):
     the means u, v of the two segments (token_type_ids 0 and 1) as [u, v, |u - v|, u * v], so the head
     compares the two texts directly. An n-gram bag adds its vector of the text (or, under `pair`, the
     product and difference of the two segments' bags) before the classifier; under `pair`, `overlap_vocab`
-    adds the two texts' char n-gram overlap (`tasks_mtl.ngrams.pair_overlap`)."""
+    adds the two texts' char n-gram overlap (`tasks_mtl.ngrams.pair_overlap`). `tfidf` adds the text's TF-IDF
+    class scores to the logits (`tasks_mtl.tfidf`)."""
 
     def __init__(self, hidden: int, num_labels: int, pooling: str = "cls", bag: NgramBag | None = None,
-                 dropout: float = 0.1, overlap_vocab: int = 0):
+                 dropout: float = 0.1, overlap_vocab: int = 0, tfidf: TfidfScores | None = None):
         super().__init__()
         self.pooling = pooling
         parts = 4 if pooling == "pair" else 1
@@ -35,6 +37,7 @@ class ClassificationHead(nn.Module):
         self.overlap_vocab = overlap_vocab  # > 0: the pair's n-gram overlap (3 features) reaches the classifier
         bag_dim = bag.unigrams.embedding_dim * (2 if pooling == "pair" else 1) if bag is not None else 0
         self.classify = nn.Linear(hidden + bag_dim + (3 if overlap_vocab else 0), num_labels)
+        self.tfidf = tfidf
 
     def forward(self, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:  # (B, T, H) -> (B, C)
         mask = batch["attention_mask"].bool()  # (B, T)
@@ -59,7 +62,10 @@ class ClassificationHead(nn.Module):
         if self.overlap_vocab:
             overlap = pair_overlap(batch["input_ids"], first, second, self.overlap_vocab)  # (B, 3)
             features = torch.cat([features, overlap.to(features.dtype)], dim=-1)
-        return self.classify(features)
+        logits = self.classify(features)
+        if self.tfidf is not None:
+            logits = logits + self.tfidf(batch["input_ids"], mask).to(logits.dtype)
+        return logits
 
 
 class ClassificationTask:
@@ -88,7 +94,8 @@ class ClassificationTask:
         if self.cfg.ngram_bag:
             bag = NgramBag(ngrams, word_embeddings.num_embeddings, self.cfg.ngram_bag, norm=self.cfg.ngram_bag_norm)
         overlap = word_embeddings.num_embeddings if self.cfg.pair_overlap else 0
-        return ClassificationHead(hidden, len(self.labels), self.cfg.pooling, bag, overlap_vocab=overlap)
+        tfidf = TfidfScores(ngrams, word_embeddings.num_embeddings, len(self.labels)) if self.cfg.tfidf else None
+        return ClassificationHead(hidden, len(self.labels), self.cfg.pooling, bag, overlap_vocab=overlap, tfidf=tfidf)
 
     def logits(self, head: nn.Module, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:
         return head(hidden_states, batch)  # (B, C)

@@ -62,9 +62,10 @@ def test_default_stages_fit_the_encoder():
     features = scratch.training.stages[0]
     assert features.features_only and "mlm" not in features.task_names(scratch.tasks)
     assert set(features.task_names(scratch.tasks)) == {"sentiment", "ner", "cws", "pos", "nsp"}
-    plain = load_config(None, overrides={"tasks.sentiment.ngram_bag": 0, "tasks.nsp.ngram_bag": 0,
-                                         "tasks.nsp.pair_overlap": False,
-                                         **{f"tasks.{t}.window_features": False for t in ("ner", "cws", "pos")}})
+    plain = load_config(None, overrides={"tasks.sentiment.tfidf": False, "tasks.nsp.ngram_bag": 0,
+                                         "tasks.nsp.pair_overlap": False, "tasks.pos.window_features": False,
+                                         **{f"tasks.{t}.{k}": v for t in ("ner", "cws")
+                                            for k, v in (("window_weights", False), ("lbfgs_iterations", 0))}})
     assert [s.name for s in plain.training.stages] == ["joint"]  # nothing for a features stage to fit
     pretrained = load_config(None, overrides={"encoder.pretrained": "/some/bert"})
     assert [s.freeze_layers for s in pretrained.training.stages] == ["all", 1, "none"]

@@ -1,0 +1,98 @@
+"""TF-IDF scores of a sentence head (tasks_mtl.tfidf): the layer computes the vectors the regression was fitted
+on, its scores equal the regression's decision function, and the features stage fits it instead of stepping it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_project import make_tiny_project
+
+STAGES = [
+    {"name": "features", "features_only": True, "steps": 3, "head_lr": 5e-3},
+    {"name": "joint", "steps": 2, "encoder_lr": 1e-3, "head_lr": 1e-3},
+]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from tasks_mtl.checkpoint import load_checkpoint
+    from tasks_mtl.tokenization import tokenize
+    from tasks_mtl.train import train_stage
+
+    cfg = make_tiny_project(tmp_path_factory.mktemp("tfidf"), {
+        "tasks": {"sentiment": {"tfidf": True}, "nsp": {"ngram_bag": 8}},
+        "training": {"stages": STAGES},
+    })
+    tokenize(cfg)
+    checkpoint = train_stage(cfg, 0)
+    model, _, _ = load_checkpoint(checkpoint, cfg.tasks)
+    return cfg, checkpoint, model
+
+
+def test_the_vector_is_sublinear_tf_times_smooth_idf_l2_normalised(fitted):
+    """One text by hand: its unigram columns carry (1 + ln tf) * idf, and the vector has unit length."""
+    from tasks_mtl.train import load_features
+
+    cfg, _, model = fitted
+    scores = model.heads["sentiment"].tfidf
+    rows = load_features(cfg, "sentiment")
+    ids = torch.tensor([rows[0]["input_ids"]])
+    text, column, value = scores.vectors(ids, torch.ones_like(ids))
+    assert torch.allclose((value ** 2).sum(), torch.tensor(1.0), atol=1e-5)
+    documents = [set(r["input_ids"]) for r in rows]
+    raw = {}
+    for token in set(rows[0]["input_ids"]):
+        df = sum(token in d for d in documents)
+        tf = rows[0]["input_ids"].count(token)
+        raw[token] = (1 + math.log(tf)) * (math.log((1 + len(rows)) / (1 + df)) + 1)
+    unigram = column < scores.vocab
+    got = {int(c): float(v) for c, v in zip(column[unigram], value[unigram])}
+    first = int(column[unigram][0])
+    assert set(got) == set(raw)  # the layer's vector is normalised: compare ratios to the first unigram
+    for token, v in got.items():
+        assert v / got[first] == pytest.approx(raw[token] / raw[first], rel=1e-4)
+
+
+def test_the_layer_scores_as_the_fitted_regression(fitted):
+    from sklearn.linear_model import LogisticRegression
+
+    from tasks_mtl.tfidf import C, design_matrix
+    from tasks_mtl.train import load_features
+
+    cfg, _, model = fitted
+    scores = model.heads["sentiment"].tfidf
+    rows = load_features(cfg, "sentiment")
+    x = design_matrix(scores, rows)
+    y = np.array([r["labels"] for r in rows])
+    regression = LogisticRegression(C=C, max_iter=1000).fit(x, y)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["input_ids"]) for r in rows], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r["input_ids"]), dtype=torch.long) for r in rows],
+                                           batch_first=True)
+    with torch.no_grad():
+        out = scores(ids, mask)
+    margin = (out[:, 1] - out[:, 0]).numpy()
+    assert np.abs(regression.decision_function(x)).max() > 0.5  # the fit says something
+    np.testing.assert_allclose(margin, regression.decision_function(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_stage_fits_sentiment_and_steps_the_rest(fitted):
+    from tasks_mtl.runlog import read_logs
+
+    cfg, checkpoint, model = fitted
+    losses = {metric for _, _, metric, _ in read_logs(cfg) if metric.startswith("loss/")}
+    assert "loss/sentiment" not in losses and "loss/nsp" in losses
+    assert float(model.heads["sentiment"].tfidf.weight.weight.detach().abs().sum()) > 0
+    assert float(model.heads["sentiment"].tfidf.idf.max()) > 1.0  # the fit's idf was saved with the head
+
+
+def test_tfidf_belongs_to_single_text_classification():
+    from pydantic import ValidationError
+
+    from tasks_mtl.config import TaskConfig
+
+    with pytest.raises(ValidationError, match="tfidf"):
+        TaskConfig(type="pair_classification", bundled="nsp", labels=["a", "b"], pooling="pair", tfidf=True)
