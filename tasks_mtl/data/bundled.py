@@ -108,9 +108,12 @@ def entity_spans(sentence: Sentence) -> list[Span]:
 def sentiment_rows(raw_dir: Path) -> list[dict]:
     rows = []
     for label, name in SENTIMENT_FILES.items():
+        before = len(rows)
         for number, line in enumerate(read_text(_raw(raw_dir, name), name), start=1):
             if line.strip():
                 rows.append({"text": line, "label": label, "source": f"{name}:{number}"})
+        if len(rows) == before:  # an emptied file would silently train a one-class model
+            raise DataFormatError(f"{name}:1: no reviews in this file, so class {label!r} has no examples")
     return rows
 
 

@@ -26,6 +26,8 @@ REQUIRED = {
     "mlm": ("text",),
 }
 CONLL_SKIP_PREFIX = "-DOCSTART-"  # CoNLL-2003 document markers carry no tokens
+SENTENCE_ENDS = frozenset("。！？!?")  # a token after one of these starts a new sentence (see _read_conll)
+CLOSERS = frozenset("”’」』）)\"'")  # closing quotes and brackets still belong to the sentence before
 
 
 class DataFormatError(ValueError):
@@ -79,6 +81,7 @@ def read_records(
 def _read_jsonl(lines: list[str], name: str, task_type: str) -> list[dict]:
     required = REQUIRED[task_type]
     records = []
+    first_label: tuple[str, int] | None = None  # (type name, line) of the first label
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -95,6 +98,12 @@ def _read_jsonl(lines: list[str], name: str, task_type: str) -> list[dict]:
                 f"{name}:{number}: missing column {missing[0]!r} (found: {', '.join(obj) or 'none'})"
             )
         record = {c: obj[c] for c in required}
+        if "label" in record:  # 1 and "1" are different classes to every later step
+            kind = type(record["label"]).__name__
+            first_label = first_label or (kind, number)
+            if kind != first_label[0]:
+                raise DataFormatError(f"{name}:{number}: label {record['label']!r} is a {kind}, but the label "
+                                      f"on line {first_label[1]} is a {first_label[0]} (mixed label types)")
         if task_type == "token_classification":
             _check_token_lists(record, name, number)
         record["source"] = f"{name}:{number}"
@@ -128,6 +137,9 @@ def _read_csv(lines: list[str], name: str, task_type: str) -> list[dict]:
         empty = [c for c in required if row.get(c) is None]
         if empty:
             raise DataFormatError(f"{name}:{start}: row has no value for column {empty[0]!r}")
+        fields = len(found) + len(row.get(None) or []) - sum(row[c] is None for c in found)
+        if fields != len(found):  # DictReader files extra fields under None and fills missing ones with None
+            raise DataFormatError(f"{name}:{start}: row has {fields} fields, the header has {len(found)}")
         records.append({**{c: row[c] for c in required}, "source": f"{name}:{start}"})
         start = reader.line_num + 1
     return records
@@ -138,6 +150,7 @@ def _read_conll(lines: list[str], name: str) -> list[dict]:
     tokens: list[str] = []
     tags: list[str] = []
     first = 0
+    second: int | None = None  # line of the first token after a sentence end inside a record
 
     def flush() -> None:
         if tokens:
@@ -158,5 +171,11 @@ def _read_conll(lines: list[str], name: str) -> list[dict]:
             first = number
         tokens.append(fields[0])  # first column: the token; last column: its tag
         tags.append(fields[-1])
+        if len(tokens) > 1 and tokens[-2] in SENTENCE_ENDS and fields[0] not in SENTENCE_ENDS | CLOSERS:
+            second = second or number  # a sentence starts inside a record
     flush()
+    if len(records) == 1 and second is not None:  # not one blank line: the file's sentences ran together
+        raise DataFormatError(f"{name}:{second}: a new sentence starts here without a blank line before it; "
+                              f"the file has no blank lines, so all its {len(records[0]['tokens'])} tokens "
+                              f"would be one sentence (CoNLL needs a blank line after each sentence)")
     return records

@@ -1,8 +1,9 @@
 """Data validation: good data passes; each kind of bad data is rejected by name, in the reports too.
 
 Tables are built in memory (the shape `load_task_table` returns) and handed to `validate` via its
-`loader` argument; the file-level failures (bad bytes, invalid JSON, leakage between split files)
-go through the real readers.
+`loader` argument; the file-level failures (bad bytes, invalid JSON, leakage between split files, an
+emptied review file, a broken newspaper line, a 200,000-character line, a CoNLL file without blank lines,
+a ragged CSV row, mixed label types) go through the real readers and must name the file and line.
 """
 
 from __future__ import annotations
@@ -332,3 +333,114 @@ def test_conflicting_tag_sequences_name_the_first_difference(tmp_path: Path) -> 
     result = run(tmp_path, {"cws": pd.concat([table, other], ignore_index=True)})
     assert result.tasks["cws"].conflicts == 1
     assert_rejected(tmp_path, result, "cws", "conflicting duplicates", says="tags differ at token 4: E | M")
+
+
+# --- bad files through the real readers: each stopped with a message naming file and line -----------
+
+
+def _bundled(tmp_path: Path, *names: str) -> ValidationResult:
+    """Validate bundled tasks read from the raw files under tmp_path/data (write_raw's layout)."""
+    labels = {"sentiment": SENTIMENT, "ner": ["PER", "LOC", "ORG"], "pos": ["n", "v", "nr", "ns", "nt", "w", "u",
+                                                                            "a", "r", "d", "k", "Vg"]}
+    types = {"sentiment": "classification", "ner": "token_classification", "pos": "token_classification"}
+    tasks = {n: TaskConfig(type=types[n], bundled=n, labels=labels[n]) for n in names}
+    cfg = Config(root=tmp_path, tasks=tasks, data=DataConfig(min_rows={"train": 1}, min_class_share=0.0))
+    return validate(cfg)
+
+
+def _stopped_at(result: ValidationResult, task: str, where: str) -> None:
+    """The run failed for `task` and the terminal summary points at `where` (file:line)."""
+    assert result.success is False and result.tasks[task].success is False
+    assert where in result.summary(), result.summary()
+
+
+def test_review_file_emptied_of_one_class(tmp_path: Path) -> None:
+    from conftest import write_raw
+
+    raw = write_raw(tmp_path)
+    (raw / "sentiment" / "neg.txt").write_text("\n\n", encoding="utf-8")
+    result = _bundled(tmp_path, "sentiment")
+    _stopped_at(result, "sentiment", "sentiment/neg.txt:1")
+    assert "negative" in result.summary()
+
+
+def test_untagged_word_in_the_newspaper_file(tmp_path: Path) -> None:
+    from conftest import PEOPLES_DAILY, write_raw
+
+    raw = write_raw(tmp_path)
+    lines = PEOPLES_DAILY.split("\n")
+    lines[1] = lines[1].replace("欢迎/v", "欢迎")
+    (raw / "peoples_daily" / "199801.txt").write_text("\n".join(lines), encoding="utf-8")
+    result = _bundled(tmp_path, "ner")
+    _stopped_at(result, "ner", "peoples_daily/199801.txt:2")
+    assert "'欢迎' is not word/tag" in result.summary()
+
+
+def test_unknown_tag_in_the_newspaper_file(tmp_path: Path) -> None:
+    from conftest import PEOPLES_DAILY, write_raw
+
+    raw = write_raw(tmp_path)
+    text = PEOPLES_DAILY.replace("高兴/a", "高兴/zz")  # line 2; zz is no People's Daily tag
+    (raw / "peoples_daily" / "199801.txt").write_text(text, encoding="utf-8")
+    result = _bundled(tmp_path, "pos")
+    _stopped_at(result, "pos", "peoples_daily/199801.txt:2")
+    assert "B-zz" in result.summary()
+
+
+def test_a_200000_character_line(tmp_path: Path) -> None:
+    from conftest import write_raw
+
+    raw = write_raw(tmp_path)
+    with (raw / "sentiment" / "pos.txt").open("a", encoding="utf-8") as f:
+        f.write("好" * 200_000 + "\n")  # line 4
+    result = _bundled(tmp_path, "sentiment")
+    _stopped_at(result, "sentiment", "sentiment/pos.txt:4")
+    assert "text length within" in result.summary()
+    assert len(result.summary()) < 5_000  # the line is cut in the report, not printed whole
+
+
+def test_a_200000_character_newspaper_line(tmp_path: Path) -> None:
+    from conftest import PEOPLES_DAILY, write_raw
+
+    raw = write_raw(tmp_path)
+    (raw / "peoples_daily" / "199801.txt").write_text(PEOPLES_DAILY + "好/a  " * 100_000 + "\n", encoding="utf-8")
+    result = _bundled(tmp_path, "ner")
+    _stopped_at(result, "ner", "peoples_daily/199801.txt:4")
+
+
+def test_conll_file_missing_its_blank_lines(tmp_path: Path) -> None:
+    sentences = [["张", "三", "去", "北", "京", "。"], ["李", "四", "来", "上", "海", "。"], ["好", "！"]]
+    tags = [["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"], ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"], ["O", "O"]]
+    lines = [f"{tok}\t{tag}" for s, t in zip(sentences, tags) for tok, tag in zip(s, t)]  # no blank lines
+    (tmp_path / "ner.conll").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    task = TaskConfig(type="token_classification", files={"all": Path("ner.conll")}, labels=["PER", "LOC"])
+    result = validate(Config(root=tmp_path, tasks={"ner": task}, data=DataConfig(min_rows={"train": 1}, min_class_share=0.0)))
+    _stopped_at(result, "ner", "ner.conll:7")  # where the second sentence starts
+    assert "blank line" in result.summary()
+
+
+def test_csv_with_a_ragged_row(tmp_path: Path) -> None:
+    rows = ["text,label", "很好用,positive", "太差了,negative,extra", "一般,negative"]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    task = TaskConfig(type="classification", files={"all": Path("reviews.csv")}, labels=SENTIMENT)
+    result = validate(Config(root=tmp_path, tasks={"reviews": task}, data=DataConfig(min_rows={"train": 1}, min_class_share=0.0)))
+    _stopped_at(result, "reviews", "reviews.csv:3")
+    assert "3 fields" in result.summary()
+
+
+def test_csv_with_a_short_row(tmp_path: Path) -> None:
+    rows = ["text,label,note", "很好用,positive,a", "太差了,negative", "一般,negative,c"]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    task = TaskConfig(type="classification", files={"all": Path("reviews.csv")}, labels=SENTIMENT)
+    result = validate(Config(root=tmp_path, tasks={"reviews": task}, data=DataConfig(min_rows={"train": 1}, min_class_share=0.0)))
+    _stopped_at(result, "reviews", "reviews.csv:3")
+
+
+def test_mixed_label_types(tmp_path: Path) -> None:
+    records = [{"text": "很好用", "label": "positive"}, {"text": "太差了", "label": 0}, {"text": "一般", "label": "negative"}]
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    (tmp_path / "reviews.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for labels in (SENTIMENT, []):  # declared classes, and classes taken from the data
+        task = TaskConfig(type="classification", files={"all": Path("reviews.jsonl")}, labels=labels)
+        result = validate(Config(root=tmp_path, tasks={"reviews": task}, data=DataConfig(min_rows={"train": 1}, min_class_share=0.0)))
+        _stopped_at(result, "reviews", "reviews.jsonl:2")
