@@ -121,6 +121,30 @@ def test_matmul_crf_matches_the_reference_crf(num_tags):
     assert fast.decode(emissions, mask) == reference.decode(emissions, mask)
 
 
+def test_the_crf_loss_stays_fp32_under_bf16_autocast():
+    """A fitted CRF's loss is near zero, below bf16's rounding of the log-partition: the token head computes it
+    in fp32 whatever the autocast around it."""
+    from tasks_mtl.config import TaskConfig
+    from tasks_mtl.tasks.token_classification import TokenClassificationTask
+
+    torch.manual_seed(0)
+    task = TokenClassificationTask("ner", TaskConfig(type="token_classification", bundled="ner", crf=True,
+                                                     labels=["PER", "LOC", "ORG"]))
+    head = task.build_head(16, torch.nn.Embedding(10, 16))
+    with torch.no_grad():
+        head.crf.transitions.normal_(0, 3)
+    scores = torch.randn(8, 60, 7) * 4
+    labels = scores.argmax(-1)
+    emissions = scores + 12 * torch.nn.functional.one_hot(labels, 7)  # peaked on one tag per token, as after a fit
+    head.forward = lambda hidden_states, batch: emissions  # the CRF alone: no bf16 emission layer in between
+    hidden = torch.zeros(8, 60, 16)
+    batch = {"labels": labels}
+    exact, _ = task.loss(head, hidden, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded, _ = task.loss(head, hidden, batch)
+    assert float(rounded) == pytest.approx(float(exact), rel=1e-5, abs=1e-6)
+
+
 def test_batched_viterbi_decodes_each_sentence_as_alone(tiny_tokenized):
     """Prediction decodes a whole length batch with one CRF pass; every sentence gets the path it gets alone,
     whatever its neighbours' lengths (an empty token list included)."""
