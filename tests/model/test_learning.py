@@ -2,8 +2,8 @@
 [UNK] or a frozen random encoder fails here, before it lands.
 
 Trains the default from-scratch recipe (the features stage, then the joint one: bigram embeddings, window
-features and CRFs, co-labelled ner+cws batches, token-budget batches, the sentiment head's n-gram bag) for
-about 3 minutes on a subset of the bundled data and
+CRFs fitted by L-BFGS, co-labelled ner+cws batches, token-budget batches, the sentiment head's TF-IDF
+regression) for about 3 minutes on a subset of the bundled data and
 checks floors far above chance on held-out rows. The floors come from measured runs with a margin
 (see each constant); they are never lowered to let a change pass.
 """
