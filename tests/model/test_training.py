@@ -64,8 +64,8 @@ def test_default_stages_fit_the_encoder():
     assert set(features.task_names(scratch.tasks)) == {"sentiment", "ner", "cws", "pos", "nsp"}
     plain = load_config(None, overrides={"tasks.sentiment.tfidf": False, "tasks.nsp.ngram_bag": 0,
                                          "tasks.nsp.pair_overlap": False, "tasks.pos.window_features": False,
-                                         **{f"tasks.{t}.{k}": v for t in ("ner", "cws")
-                                            for k, v in (("window_weights", False), ("lbfgs_iterations", 0))}})
+                                         "tasks.cws.window_features": False, "tasks.ner.window_weights": False,
+                                         "tasks.ner.lbfgs_iterations": 0})
     assert [s.name for s in plain.training.stages] == ["joint"]  # nothing for a features stage to fit
     pretrained = load_config(None, overrides={"encoder.pretrained": "/some/bert"})
     assert [s.freeze_layers for s in pretrained.training.stages] == ["all", 1, "none"]
