@@ -354,21 +354,18 @@ def _stopped_at(result: ValidationResult, task: str, where: str) -> None:
     assert where in result.summary(), result.summary()
 
 
-def test_review_file_emptied_of_one_class(tmp_path: Path) -> None:
-    from conftest import write_raw
-
-    raw = write_raw(tmp_path)
+def test_review_file_emptied_of_one_class(tmp_path: Path, tiny_raw: Path) -> None:
+    raw = tiny_raw  # the conftest's raw files under tmp_path/data
     (raw / "sentiment" / "neg.txt").write_text("\n\n", encoding="utf-8")
     result = _bundled(tmp_path, "sentiment")
     _stopped_at(result, "sentiment", "sentiment/neg.txt:1")
     assert "negative" in result.summary()
 
 
-def test_untagged_word_in_the_newspaper_file(tmp_path: Path) -> None:
-    from conftest import PEOPLES_DAILY, write_raw
-
-    raw = write_raw(tmp_path)
-    lines = PEOPLES_DAILY.split("\n")
+def test_untagged_word_in_the_newspaper_file(tmp_path: Path, tiny_raw: Path) -> None:
+    raw = tiny_raw
+    newspaper = (raw / "peoples_daily" / "199801.txt").read_text(encoding="utf-8")
+    lines = newspaper.split("\n")
     lines[1] = lines[1].replace("欢迎/v", "欢迎")
     (raw / "peoples_daily" / "199801.txt").write_text("\n".join(lines), encoding="utf-8")
     result = _bundled(tmp_path, "ner")
@@ -376,21 +373,18 @@ def test_untagged_word_in_the_newspaper_file(tmp_path: Path) -> None:
     assert "'欢迎' is not word/tag" in result.summary()
 
 
-def test_unknown_tag_in_the_newspaper_file(tmp_path: Path) -> None:
-    from conftest import PEOPLES_DAILY, write_raw
-
-    raw = write_raw(tmp_path)
-    text = PEOPLES_DAILY.replace("高兴/a", "高兴/zz")  # line 2; zz is no People's Daily tag
+def test_unknown_tag_in_the_newspaper_file(tmp_path: Path, tiny_raw: Path) -> None:
+    raw = tiny_raw
+    newspaper = (raw / "peoples_daily" / "199801.txt").read_text(encoding="utf-8")
+    text = newspaper.replace("高兴/a", "高兴/zz")  # line 2; zz is no People's Daily tag
     (raw / "peoples_daily" / "199801.txt").write_text(text, encoding="utf-8")
     result = _bundled(tmp_path, "pos")
     _stopped_at(result, "pos", "peoples_daily/199801.txt:2")
     assert "B-zz" in result.summary()
 
 
-def test_a_200000_character_line(tmp_path: Path) -> None:
-    from conftest import write_raw
-
-    raw = write_raw(tmp_path)
+def test_a_200000_character_line(tmp_path: Path, tiny_raw: Path) -> None:
+    raw = tiny_raw  # the conftest's raw files under tmp_path/data
     with (raw / "sentiment" / "pos.txt").open("a", encoding="utf-8") as f:
         f.write("好" * 200_000 + "\n")  # line 4
     result = _bundled(tmp_path, "sentiment")
@@ -399,11 +393,10 @@ def test_a_200000_character_line(tmp_path: Path) -> None:
     assert len(result.summary()) < 5_000  # the line is cut in the report, not printed whole
 
 
-def test_a_200000_character_newspaper_line(tmp_path: Path) -> None:
-    from conftest import PEOPLES_DAILY, write_raw
-
-    raw = write_raw(tmp_path)
-    (raw / "peoples_daily" / "199801.txt").write_text(PEOPLES_DAILY + "好/a  " * 100_000 + "\n", encoding="utf-8")
+def test_a_200000_character_newspaper_line(tmp_path: Path, tiny_raw: Path) -> None:
+    raw = tiny_raw
+    newspaper = (raw / "peoples_daily" / "199801.txt").read_text(encoding="utf-8")
+    (raw / "peoples_daily" / "199801.txt").write_text(newspaper + "好/a  " * 100_000 + "\n", encoding="utf-8")
     result = _bundled(tmp_path, "ner")
     _stopped_at(result, "ner", "peoples_daily/199801.txt:4")
 

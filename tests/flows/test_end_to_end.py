@@ -82,7 +82,8 @@ def test_deployment_on_a_process_worker_registers_a_version(quick_root, monkeypa
              "--profile", "quick", "--name", "weekly-test"], REPO, env)
         deployments = run([str(BIN / "prefect"), "deployment", "ls"], root, env).stdout
         assert "weekly-test" in deployments
-        run([str(BIN / "prefect"), "deployment", "run", "retrain/weekly-test"], root, env)
+        # the quick runs before this one left nothing changed: forced, so that the worker's run registers
+        run([str(BIN / "prefect"), "deployment", "run", "retrain/weekly-test", "--param", "force=true"], root, env)
         run([str(BIN / "prefect"), "worker", "start", "--pool", "mtl-process", "--run-once", "--limit", "1"], root, env, timeout=900)
     finally:
         server.terminate()
