@@ -8,8 +8,8 @@
   for them and `train_peer` refuses them.
 
 Scores come from the project's own metric functions (`tasks_mtl.evaluate`), so a peer reports exactly the
-metric names the model reports for the task. sklearn and pycrfsuite are imported inside the functions
-(`pip install mtl-zh[peers]`).
+metric names the model reports for the task. sklearn and pycrfsuite (core dependencies: the features stage
+fits with them too) are imported inside the functions, so importing this module stays cheap.
 """
 
 from __future__ import annotations
