@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from tasks_mtl.ngrams import window_index
+from tasks_mtl.ngrams import padded_ids, window_index
 from tasks_mtl.tasks.token_classification import IGNORE
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,7 @@ def window_attributes(model, features: list[dict], task: str) -> tuple[list[list
     xs, ys = [], []
     for start in range(0, len(features), CHUNK):
         rows = features[start: start + CHUNK]
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
-        index = window_index(model.ngrams, ids, mask).tolist()  # (B, T, 10)
+        index = window_index(model.ngrams, *padded_ids(rows)).tolist()  # (B, T, 10)
         for r, slots in zip(rows, index):
             kept = [t for t, label in enumerate(r["labels"]) if label != IGNORE]
             if not kept:

@@ -266,6 +266,18 @@ class WindowTagWeights(nn.Module):
         return scores
 
 
+def padded_ids(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenized rows -> (B, T) input ids and attention mask, right-padded with zeros (the solvers' fits read
+    the rows' n-gram features in chunks this way)."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        mask[i, : len(r["input_ids"])] = 1
+    return ids, mask
+
+
 def sparse_parameters(module: nn.Module) -> list[nn.Parameter]:
     """Weights of the sparse embeddings inside `module` (they need a sparse optimizer, no clipping)."""
     return [m.weight for m in module.modules() if isinstance(m, nn.Embedding) and m.sparse]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks_mtl.ngrams import NgramTables
+from tasks_mtl.ngrams import NgramTables, padded_ids
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +80,6 @@ class TfidfScores(nn.Module):
         return scores.index_add_(0, text, value[:, None] * self.weight(column)) + self.bias
 
 
-def _padded(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        mask[i, : len(r["input_ids"])] = 1
-    return ids, mask
-
-
 def design_matrix(scores: TfidfScores, rows: list[dict]):
     """The tokenized rows' TF-IDF vectors as a scipy CSR matrix (what the layer computes for them)."""
     from scipy.sparse import csr_matrix
@@ -97,7 +87,7 @@ def design_matrix(scores: TfidfScores, rows: list[dict]):
     text, column, value = [], [], []
     with torch.no_grad():
         for start in range(0, len(rows), CHUNK):
-            t, c, v = scores.vectors(*_padded(rows[start: start + CHUNK]))
+            t, c, v = scores.vectors(*padded_ids(rows[start: start + CHUNK]))
             text.append(t + start)
             column.append(c)
             value.append(v)
