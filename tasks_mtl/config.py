@@ -130,7 +130,7 @@ class TaskConfig(Strict):
         return outside + [f"{p}-{t}" for t in self.labels for p in prefixes]
 
 
-LBFGS_ITERATIONS = 100  # as the peers' CRFs (FINDINGS): the fit's test F1 is flat from there
+LBFGS_ITERATIONS = 100  # as the peers' CRFs (FINDINGS); other counts not measured for the fit
 
 
 def _default_tasks() -> dict[str, TaskConfig]:
