@@ -127,15 +127,22 @@ def champion_metrics_step(cfg: Config) -> dict[str, Any] | None:
     """{"version", "metrics"} of the current champion, None without one. The metrics are its scores on this
     run's test split, so the no-regression gates compare like with like after the data changed; the metrics
     recorded at its registration only when the champion cannot be evaluated here (e.g. its task set no
-    longer matches the data). The version is what the gates were judged against: promotion checks it."""
-    from tasks_mtl.evaluate import evaluate
+    longer matches the data). The version is what the gates were judged against: promotion checks it.
+    Scores are cached in reports/champion_scores.json by (registry, version, test data, settings, code):
+    a rerun on unchanged data does not score the champion again."""
+    from tasks_mtl.evaluate import cached_evaluate, scores_key
 
     version = registry.champion_version(cfg)
     if version is None:
         return None
     champion = registry.resolve_model_dir(cfg, registry.version_uri(cfg, version))
+    model = {"registry": tracking.tracking_uri(cfg), "name": cfg.registry.model_name, "version": version,
+             "checkpoint": str(champion)}  # the download's path names the version's run: a rebuilt registry differs
     try:
-        return {"version": version, "metrics": evaluate(cfg, champion)}
+        metrics, cached = cached_evaluate(cfg, champion, scores_key(cfg, model))
+        get_run_logger().info("champion version %s: test scores %s", version,
+                              "from the cache (same model, test data and code)" if cached else "computed and cached")
+        return {"version": version, "metrics": metrics}
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         get_run_logger().warning("champion not re-evaluated (%s); using its recorded metrics", err)
         return {"version": version, "metrics": registry.version_metrics(cfg, version)}

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from tasks_mtl.config import SPLITS, Config, TaskConfig
+from tasks_mtl.fingerprint import files_hash, fingerprint
 from tasks_mtl.predict import Predictor, lenient_spans
 
 PER_TYPE_LIMIT = 10  # report F1 per type only for tasks with few types (NER, not the 44 POS tags)
+SCORE_CACHE_ENTRIES = 16  # keys kept in reports/champion_scores.json: a few models x data versions
 
 
 def classification_metrics(pred: list[int], gold: list[int], num_labels: int) -> dict[str, float]:
@@ -159,6 +161,37 @@ def evaluate_to_report(cfg: Config, checkpoint: Path | None = None, split: str =
     rounded = {t: {k: round(v, 6) for k, v in m.items()} for t, m in metrics.items()}
     out.write_text(json.dumps(rounded, indent=2, sort_keys=True) + "\n")
     return rounded
+
+
+def scores_key(cfg: Config, model: dict, split: str = "test") -> str:
+    """What a model's scores on a split depend on, as the project's one fingerprint: the model's identity
+    (e.g. registry, name, version), the prepared split files of the configured tasks, the task settings, the
+    seed (MLM masks) and the package source (the scoring code)."""
+    prepared = cfg.path(cfg.data.prepared_dir)
+    files = [prepared / name / f"{split}.jsonl" for name in sorted(cfg.tasks)]
+    return fingerprint(files_hash(files, prepared), model=model, split=split, seed=cfg.seed, tasks=dict(cfg.tasks))
+
+
+def cached_evaluate(cfg: Config, checkpoint_dir: Path, key: str, split: str = "test",
+                    cache: Path | None = None) -> tuple[dict[str, dict[str, float]], bool]:
+    """`evaluate`, remembered under `key` (`scores_key`) in reports/champion_scores.json: (metrics, True) when the
+    key is there, else the checkpoint is scored and stored, (metrics, False). The file keeps the newest
+    SCORE_CACHE_ENTRIES keys; an unreadable file counts as empty."""
+    cache = cache or cfg.path(cfg.reports_dir) / "champion_scores.json"
+    try:
+        entries = json.loads(cache.read_text(encoding="utf-8")) if cache.exists() else {}
+    except (OSError, ValueError):
+        entries = {}
+    if isinstance(entries.get(key), dict) and "metrics" in entries[key]:
+        return entries[key]["metrics"], True
+    metrics = evaluate(cfg, checkpoint_dir, split)
+    entries[key] = {"checkpoint": str(checkpoint_dir), "split": split, "metrics": metrics}
+    entries = dict(list(entries.items())[-SCORE_CACHE_ENTRIES:])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(cache)  # whole or absent: a killed run leaves the previous file
+    return metrics, False
 
 
 def multi_task_gain(mtl: dict[str, dict[str, float]], single: dict[str, dict[str, float]],

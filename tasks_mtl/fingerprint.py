@@ -31,6 +31,16 @@ def source_hash(root: Path = PACKAGE_DIR) -> str:
     return digest.hexdigest()
 
 
+def files_hash(files: list[Path], root: Path) -> str:
+    """sha256 over each file's path relative to `root` and its bytes, in the order given; a missing file
+    counts as its path alone. The identity of data files to pass to `fingerprint` as its inputs."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest() if file.exists() else b"missing")
+    return digest.hexdigest()
+
+
 def fingerprint(inputs: Any, /, **sections: Any) -> str:
     """sha256 of the inputs' identity (a data hash or any JSON-able value), the given config sections
     (JSON-able values, pydantic models dumped first) and the package source."""

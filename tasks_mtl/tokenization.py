@@ -7,13 +7,12 @@ Latin words and digits become word pieces.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from tasks_mtl.config import Config
-from tasks_mtl.fingerprint import fingerprint
+from tasks_mtl.fingerprint import files_hash, fingerprint
 
 TOKENIZER_DIR = "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -119,11 +118,8 @@ def _inputs_hash(cfg: Config) -> str:
     """What the tokenized cache depends on: the prepared data, the tokenizer/task settings and the package
     source (tasks_mtl/fingerprint.py)."""
     prepared = cfg.path(cfg.data.prepared_dir)
-    digest = hashlib.sha256()
-    for file in sorted(prepared.rglob("*.jsonl")):
-        digest.update(str(file.relative_to(prepared)).encode())
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
-    return fingerprint(digest.hexdigest(), encoder=cfg.encoder, tasks=dict(cfg.tasks))
+    files = sorted(prepared.rglob("*.jsonl"), key=lambda f: f.relative_to(prepared).as_posix())
+    return fingerprint(files_hash(files, prepared), encoder=cfg.encoder, tasks=dict(cfg.tasks))
 
 
 def tokenize(cfg: Config, splits: tuple[str, ...] = ("train",)) -> Path:
