@@ -82,6 +82,8 @@ class TaskConfig(Strict):
     #                                                  root (as an L2-normalised tf vector: long texts keep weight)
     tfidf: bool = False  # classification: TF-IDF char 1-3-gram scores added to the logits, fitted by logistic
     #                      regression in the features stage (tasks_mtl.tfidf), then tuned with the rest
+    encoder_loss: bool = True  # with tfidf: the encoder's own logits also get a cross-entropy of their own, so the
+    #                            encoder learns a whole classifier, not only the residual a fitted regression leaves
     pair_overlap: bool = False  # pair tasks: the two texts' char 1-3-gram overlap (3 features) beside the pooled vector
     output: Literal["spans", "words", "tagged_words"] = "spans"  # token tasks: shape of a prediction
     layer: int = -1  # hierarchical sharing: encoder layer the head reads (-1 = top, 0 = embeddings)
@@ -256,6 +258,7 @@ class TrainingConfig(Strict):
     threads: int | None = None  # torch intra-op threads; None = torch's default
     save_every: int = 500  # steps between resumable checkpoints inside a stage (0 = off)
     log_every: int = 25  # steps between logged losses
+    conflict_every: int = Field(0, ge=0)  # steps between task-gradient cosine samples (tasks_mtl/conflict.py); 0 = off
     output_dir: Path = Path("checkpoints")
     stages: list[StageConfig] | None = None  # None: scratch_stages() or pretrained_stages(), by the encoder
 

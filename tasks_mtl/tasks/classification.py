@@ -40,6 +40,11 @@ class ClassificationHead(nn.Module):
         self.tfidf = tfidf
 
     def forward(self, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:  # (B, T, H) -> (B, C)
+        own, tfidf = self.parts(hidden_states, batch)
+        return own if tfidf is None else own + tfidf.to(own.dtype)
+
+    def parts(self, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, C) logits of the pooled vector (with bag and overlap), and (B, C) TF-IDF scores or None."""
         mask = batch["attention_mask"].bool()  # (B, T)
         if self.pooling == "pair":
             second = batch["token_type_ids"].bool() & mask  # (B, T)
@@ -63,9 +68,7 @@ class ClassificationHead(nn.Module):
             overlap = pair_overlap(batch["input_ids"], first, second, self.overlap_vocab)  # (B, 3)
             features = torch.cat([features, overlap.to(features.dtype)], dim=-1)
         logits = self.classify(features)
-        if self.tfidf is not None:
-            logits = logits + self.tfidf(batch["input_ids"], mask).to(logits.dtype)
-        return logits
+        return logits, (self.tfidf(batch["input_ids"], mask) if self.tfidf is not None else None)
 
 
 class ClassificationTask:
@@ -101,8 +104,14 @@ class ClassificationTask:
         return head(hidden_states, batch)  # (B, C)
 
     def loss(self, head: nn.Module, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(hidden_states, batch)  # (B, C)
-        return nn.functional.cross_entropy(logits.float(), batch["labels"]), logits
+        own, tfidf = head.parts(hidden_states, batch)  # (B, C) each
+        if tfidf is None:
+            return nn.functional.cross_entropy(own.float(), batch["labels"]), own
+        logits = own.float() + tfidf.float()
+        loss = nn.functional.cross_entropy(logits, batch["labels"])
+        if self.cfg.encoder_loss:  # a fitted regression leaves small residuals: the encoder would learn little
+            loss = loss + nn.functional.cross_entropy(own.float(), batch["labels"])
+        return loss, logits
 
 
 class PairClassificationTask(ClassificationTask):

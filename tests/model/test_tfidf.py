@@ -96,3 +96,30 @@ def test_tfidf_belongs_to_single_text_classification():
 
     with pytest.raises(ValidationError, match="tfidf"):
         TaskConfig(type="pair_classification", bundled="nsp", labels=["a", "b"], pooling="pair", tfidf=True)
+
+
+@pytest.mark.parametrize("encoder_loss", [True, False])
+def test_the_encoder_learns_from_its_own_logits_beside_the_fitted_scores(fitted, encoder_loss):
+    """With a fitted regression the summed logits already fit the train rows; `encoder_loss` adds the cross-entropy
+    of the encoder's own logits, so its classifier gets a whole gradient, not the small residual of the sum."""
+    from tasks_mtl.tasks import build_task
+    from tasks_mtl.train import load_features
+
+    cfg, _, model = fitted
+    head = model.heads["sentiment"]
+    task = build_task("sentiment", cfg.tasks["sentiment"].model_copy(update={"encoder_loss": encoder_loss}))
+    rows = load_features(cfg, "sentiment")[:16]
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["input_ids"]) for r in rows], batch_first=True)
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.tensor([r["labels"] for r in rows])}
+    hidden = torch.randn(ids.shape[0], ids.shape[1], model.bert.config.hidden_size)
+    head.eval()
+    own, scores = head.parts(hidden, batch)
+    loss, logits = task.loss(head, hidden, batch)
+    summed = torch.nn.functional.cross_entropy(own + scores, batch["labels"])
+    torch.testing.assert_close(logits, own + scores)
+    alone = torch.nn.functional.cross_entropy(own, batch["labels"])
+    torch.testing.assert_close(loss, summed + alone if encoder_loss else summed)
+    loss.backward()
+    assert head.classify.weight.grad.norm() > 0
