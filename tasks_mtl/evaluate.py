@@ -88,14 +88,13 @@ def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) ->
         masked = [collate([{k: enc[k][i] for k in enc}]) for i, collate in enumerate(collators)]  # (1, L_i)
         batch = {k: pad_sequence([m[k][0] for m in masked], batch_first=True, padding_value=padding.get(k, 0))
                  .to(predictor.device) for k in masked[0]}
-        labels = batch["labels"]
-        selected = labels != -100
-        if not selected.any():
+        if not (batch["labels"] != -100).any():
             continue
-        logits = model.heads[task](model.task_hidden(task, batch)[selected]).float()  # (M, V)
-        total_loss += float(torch.nn.functional.cross_entropy(logits, labels[selected], reduction="sum"))
-        correct += int((logits.argmax(-1) == labels[selected]).sum())
-        count += int(selected.sum())
+        logits, labels = model.task_types[task].masked_logits(model.heads[task], model.task_hidden(task, batch), batch)
+        logits = logits.float()  # (M, V)
+        total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        count += int(labels.numel())
     if count == 0:
         return {"accuracy": 0.0, "perplexity": float("inf")}
     return {"accuracy": correct / count, "perplexity": math.exp(min(total_loss / count, 50.0))}

@@ -128,6 +128,9 @@ def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
     return {t: features[t]["train"] for t in stage.task_names(cfg.tasks)}
 
 
+NGRAM_MODULES = (".bag.", ".lexical.", ".tfidf.", ".neighbours.")  # head parts that are n-gram models
+
+
 def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float) -> list[dict]:
     """Encoder parameters by depth (layer-wise LR decay from the top; bigram embeddings sit with the
     embeddings), then heads and soft layers, with n-gram bags and window features at their own rate. The encoder's groups
@@ -149,7 +152,7 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
         for p in model.bigrams.parameters():
             add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
     for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
-        ngram = any(part in f".{name}" for part in (".bag.", ".lexical.", ".tfidf."))  # n-gram models: own rate
+        ngram = any(part in f".{name}" for part in NGRAM_MODULES)  # n-gram models: their own rate
         add("heads", stage.ngram_lr if ngram else stage.head_lr, p)
     for p in model.window.parameters() if model.window is not None else []:
         add("heads", stage.ngram_lr, p)

@@ -58,7 +58,7 @@ def test_a_features_only_stage_needs_tasks_with_features_and_no_freezing():
     from tasks_mtl.config import is_pretraining, load_config
 
     with pytest.raises(ValueError, match="no n-gram features"):
-        load_config(None, overrides={"training.stages": [
+        load_config(None, overrides={"tasks.mlm.neighbours": False, "training.stages": [
             {"name": "f", "features_only": True, "tasks": ["mlm"], "steps": 2}]})
     with pytest.raises(ValueError, match="does not run the encoder"):
         load_config(None, overrides={"training.stages": [

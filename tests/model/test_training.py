@@ -60,9 +60,10 @@ def test_default_stages_fit_the_encoder():
     assert [s.freeze_layers for s in scratch.training.stages] == ["none"] * len(scratch.training.stages)
     assert [s.name for s in scratch.training.stages] == ["features", "joint"]
     features = scratch.training.stages[0]
-    assert features.features_only and "mlm" not in features.task_names(scratch.tasks)
-    assert set(features.task_names(scratch.tasks)) == {"sentiment", "ner", "cws", "pos", "nsp"}
+    assert features.features_only  # mlm takes part through its neighbour n-gram scores
+    assert set(features.task_names(scratch.tasks)) == {"sentiment", "ner", "cws", "pos", "nsp", "mlm"}
     plain = load_config(None, overrides={"tasks.sentiment.tfidf": False, "tasks.nsp.ngram_bag": 0,
+                                         "tasks.mlm.neighbours": False,
                                          "tasks.nsp.pair_overlap": False, "tasks.pos.window_features": False,
                                          "tasks.cws.window_features": False, "tasks.ner.window_weights": False,
                                          "tasks.ner.lbfgs_iterations": 0})
