@@ -207,6 +207,8 @@ def predict(
     errors: Annotated[Path | None, typer.Option(help="write skipped lines here as JSONL {line, error, input}")] = None,
     params: ParamsOpt = None,
     batch_size: int = 32,
+    quantize: Annotated[bool, typer.Option(
+        "--quantize", help="int8 dynamic quantisation of the Linear layers (CPU; faster, slightly different scores)")] = False,
 ) -> None:
     """Predict every task for each input line. Bad lines are reported on stderr by number and skipped (exit
     code 2 when any was); status never goes into the output stream."""
@@ -215,7 +217,8 @@ def predict(
     cfg = _config(params, None)
     status = Console(stderr=True)
     try:
-        n, bad = predict_file(cfg, input, output, model_uri=model, batch_size=batch_size, errors=errors)
+        n, bad = predict_file(cfg, input, output, model_uri=model, batch_size=batch_size, errors=errors,
+                              quantize=quantize)
     except (PredictionInputError, FileNotFoundError) as err:
         _fail(str(err), 2)
     for line, _, problem in bad[:20]:
@@ -234,6 +237,8 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     params: ParamsOpt = None,
+    quantize: Annotated[bool, typer.Option(
+        "--quantize", help="int8 dynamic quantisation of the Linear layers (CPU; faster, slightly different scores)")] = False,
 ) -> None:
     """Serve predictions over HTTP (POST /predict, GET /health, schema at /docs); the model stays loaded."""
     from tasks_mtl.predict import model_location
@@ -241,7 +246,8 @@ def serve(
 
     cfg = _config(params, None)
     location = model_location(cfg, model)
-    run_server(location, model or str(location), host, port, batch_size=cfg.training.eval_batch_size)
+    run_server(location, model or str(location), host, port, batch_size=cfg.training.eval_batch_size,
+               quantize=quantize)
 
 
 @app.command()

@@ -71,7 +71,7 @@ def text_seed(seed: int, text: str) -> int:
     return seed * 1_000_003 + int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:12], 16)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) -> dict[str, float]:
     """Masked-token accuracy and perplexity. Each text is masked on its own (`text_seed`): the same masks for
     every model with this tokenizer, whatever the batch size, the order or the other texts."""
@@ -80,9 +80,8 @@ def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) ->
     model, tokenizer = predictor.model, predictor.tokenizer
     padding = {"input_ids": tokenizer.pad_token_id, "labels": -100}  # other columns pad with 0
     total_loss, correct, count = 0.0, 0, 0
-    texts = sorted(texts, key=len)  # similar lengths per batch: little padding (the metrics are order-free)
-    for start in range(0, len(texts), predictor.batch_size):
-        chunk = texts[start:start + predictor.batch_size]
+    for rows in predictor.batches_by_length([len(t) for t in texts]):  # little padding; the metrics are order-free
+        chunk = [texts[i] for i in rows]
         enc = tokenizer(chunk, truncation=True, max_length=predictor.window, return_special_tokens_mask=True)
         collators = [model.task_types[task].collator(tokenizer, seed=text_seed(seed, text)) for text in chunk]
         masked = [collate([{k: enc[k][i] for k in enc}]) for i, collate in enumerate(collators)]  # (1, L_i)

@@ -3,6 +3,10 @@
 Long inputs never crash: classification averages the class probabilities of overlapping windows;
 token tasks take each character's emissions from the window where it sits farthest from an edge,
 then decode the whole text at once (argmax, or Viterbi when the head has a CRF).
+
+Speed: everything runs under `torch.inference_mode`; texts are batched by length through the project's one
+length-batching helper (`sampling.length_batches`); `quantize=True` swaps the Linear layers for dynamic int8
+ones (weights int8, activations quantised per batch) for CPU serving.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 import torch
 
 from tasks_mtl.checkpoint import load_checkpoint
+from tasks_mtl.sampling import length_batches
 
 STRIDE = 32  # tokens of overlap between windows (at most a quarter of the window): context at the edges
 
@@ -55,28 +60,34 @@ class Predictor:
         self.tasks = model.task_cfgs
 
     @classmethod
-    def from_dir(cls, path: Path | str, device: str | None = None, batch_size: int = 32) -> Predictor:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def from_dir(cls, path: Path | str, device: str | None = None, batch_size: int = 32,
+                 quantize: bool = False) -> Predictor:
+        """Load a checkpoint directory; `quantize`: dynamic int8 Linear layers (CPU only, see `quantize_linear`)."""
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not quantize else "cpu"))
         model, tokenizer, meta = load_checkpoint(Path(path), device=dev)
+        if quantize:
+            model = quantize_linear(model)
         return cls(model, tokenizer, meta, dev, batch_size)
 
     # -- raw outputs --------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _logits(self, task: str, enc: dict) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model.logits(task, batch).float()
 
-    def _length_batches(self, lengths: list[int]) -> list[list[int]]:
-        """Indices in batches of similar length (little padding); callers put results back in input order."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    def batches_by_length(self, lengths: list[int]) -> list[list[int]]:
+        """Indices in batches of similar length (shortest first, ties in input order), cut by the shared
+        helper; callers put results back in input order."""
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        return [batch.tolist() for batch in length_batches(order, np.asarray(lengths), self.batch_size)]
 
+    @torch.inference_mode()
     def class_probs(self, task: str, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
         """(N, C) class probabilities; single texts longer than the window average over windows."""
         out = np.zeros((len(texts), len(self.tasks[task].labels)), dtype=np.float32)
         lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
-        for rows in self._length_batches(lengths):
+        for rows in self.batches_by_length(lengths):
             chunk = [texts[i] for i in rows]
             if pairs is None:
                 enc = self.tokenizer(chunk, truncation=True, max_length=self.window, stride=self.stride,
@@ -91,13 +102,14 @@ class Predictor:
             out[rows] = (summed / torch.bincount(owner, minlength=len(chunk)).clamp(min=1)[:, None]).numpy()
         return out
 
+    @torch.inference_mode()
     def token_tags(self, task: str, token_lists: list[list[str]]) -> list[list[str]]:
         """One tag per token of each list; tokens the tokenizer drops (whitespace) get the outside tag."""
         tags = self.tasks[task].tag_set()
         outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
         head = self.model.heads[task]
         results: list[list[str]] = [[] for _ in token_lists]
-        for rows in self._length_batches([len(t) for t in token_lists]):
+        for rows in self.batches_by_length([len(t) for t in token_lists]):
             chunk = [token_lists[i] for i in rows]
             enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.window,
                                  stride=self.stride, return_overflowing_tokens=True, padding=True, return_tensors="pt")
@@ -168,6 +180,18 @@ class Predictor:
             records[i][task] = {"label": labels[int(p.argmax())], "score": round(float(p.max()), 6)}
 
 
+def quantize_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every nn.Linear replaced by a dynamically quantised int8 one (CPU inference only;
+    embeddings, LayerNorm and the CRF stay fp32). torch.ao.quantization is deprecated in favour of torchao,
+    which this project does not install; the call still works in the pinned torch."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)  # the same deprecation, per layer
+        return torch.ao.quantization.quantize_dynamic(model.cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def render_tokens(text: str, spans: list[tuple[int, int, str | None]], output: str) -> Any:
     """Spans over characters rendered as entities, words, or (word, tag) pairs; words join to the text."""
     if output == "spans":
@@ -217,11 +241,13 @@ def model_location(cfg, model_uri: str | None) -> Path:
 
 
 def predict_file(cfg, input: str | Path, output: str | Path, model_uri: str | None = None, batch_size: int = 32,
-                 errors: Path | None = None, chunk: int = 512) -> tuple[int, list[tuple[int, str, str]]]:
+                 errors: Path | None = None, chunk: int = 512,
+                 quantize: bool = False) -> tuple[int, list[tuple[int, str, str]]]:
     """`mtl predict`: JSONL in, JSONL out (`-` = stdin / stdout), every input field kept and one key per task
     added; the model is a checkpoint dir or a registry URI (default champion). Bad lines are skipped and
     returned as (line number, line, problem), and written to `errors` as JSONL when given. A progress bar
-    goes to stderr when it is a terminal. Returns (records written, bad lines)."""
+    goes to stderr when it is a terminal; `quantize` loads the model with int8 Linear layers (`quantize_linear`).
+    Returns (records written, bad lines)."""
     import contextlib
     import io
     import sys
@@ -235,7 +261,8 @@ def predict_file(cfg, input: str | Path, output: str | Path, model_uri: str | No
         errors.parent.mkdir(parents=True, exist_ok=True)
         errors.write_text("".join(json.dumps({"line": n, "error": why, "input": raw}, ensure_ascii=False) + "\n"
                                   for n, raw, why in bad), encoding="utf-8")
-    predictor = Predictor.from_dir(model_location(cfg, model_uri), batch_size=batch_size) if rows else None
+    predictor = (Predictor.from_dir(model_location(cfg, model_uri), batch_size=batch_size, quantize=quantize)
+                 if rows else None)
     with contextlib.ExitStack() as stack:
         if str(output) == "-":
             fh = sys.stdout

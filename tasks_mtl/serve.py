@@ -99,11 +99,12 @@ def create_app(predictor, source: str) -> FastAPI:
     return app
 
 
-def serve(model_dir: Path, source: str, host: str, port: int, batch_size: int = 32) -> None:
-    """Load the model once and serve it until interrupted."""
+def serve(model_dir: Path, source: str, host: str, port: int, batch_size: int = 32, quantize: bool = False) -> None:
+    """Load the model once (with int8 Linear layers when `quantize`) and serve it until interrupted."""
     import uvicorn
 
     from tasks_mtl.predict import Predictor
 
-    app = create_app(Predictor.from_dir(model_dir, batch_size=batch_size), source)
+    app = create_app(Predictor.from_dir(model_dir, batch_size=batch_size, quantize=quantize),
+                     source + (" (int8)" if quantize else ""))
     uvicorn.run(app, host=host, port=port, log_level="info")
