@@ -1,7 +1,8 @@
 """Multi-task gain (delta-m): the multi-task model against one single-task model per task, same budget.
 
 Each single-task run keeps the stage list (steps, learning rates, freezing) but trains one task, so
-its optimizer sees the same number of steps; all share the prepared data and tokenizer. Finished
+its optimizer sees the same number of steps (tasks_mtl/baselines.py, shared with `mtl leaderboard`);
+all share the prepared data and tokenizer. Finished
 stages are reused (their done.json matches), so a rerun after an interruption only evaluates.
 Prints one JSON line: {"profile", "delta_m": {task: %}, "mean_delta_m", "multi_task", "single_task", "seconds"}.
 
@@ -16,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from tasks_mtl.baselines import gain_summary, single_task_config, single_task_metrics
 from tasks_mtl.config import load_config
 from tasks_mtl.data.prepare import prepare
-from tasks_mtl.evaluate import evaluate, multi_task_gain
+from tasks_mtl.evaluate import evaluate
 from tasks_mtl.tokenization import tokenize
 from tasks_mtl.train import train_all
 
@@ -43,19 +45,15 @@ def main() -> None:
     multi = evaluate(mtl_cfg, train_all(mtl_cfg))
     single = {}
     for task in args.tasks.split(",") if args.tasks else base.tasks:
-        stages = [s.model_dump(mode="json") | {"tasks": [task]} for s in base.training.stages
-                  if not s.features_only or base.tasks[task].has_features()]  # a features stage needs features
-        cfg = load_config(args.params, profile=args.profile, overrides={
-            "training.output_dir": str(out / f"single-{task}"), "training.stages": stages})
-        print(f"{task}: single-task run of {sum(s['steps'] for s in stages)} steps", file=sys.stderr, flush=True)
-        alone = cfg.model_copy(update={"tasks": {task: cfg.tasks[task]}})  # score only the task it trained
-        single[task] = evaluate(alone, train_all(cfg))[task]
+        cfg = single_task_config(args.params, args.profile, scale, base, task, out / f"single-{task}")
+        print(f"{task}: single-task run of {sum(s.steps or 0 for s in cfg.training.stages)} steps", file=sys.stderr,
+              flush=True)
+        single[task] = single_task_metrics(cfg, task, train_all(cfg))
         print(f"{task}: single {json.dumps(single[task])}; multi {json.dumps(multi[task])}", file=sys.stderr, flush=True)
-    gains = multi_task_gain(multi, single, tuple(base.gates.lower_is_better))
+    gains = gain_summary(multi, single, tuple(base.gates.lower_is_better))
     print(json.dumps({
         "profile": args.profile, "steps": [s.steps for s in base.training.stages],
-        "delta_m": {t: round(v, 2) for t, v in gains.items()},
-        "mean_delta_m": round(sum(gains.values()) / max(len(gains), 1), 2),
+        **gains,
         "multi_task": multi, "single_task": single,
         "seconds": round(time.perf_counter() - started, 1),
     }, ensure_ascii=False))

@@ -375,6 +375,40 @@ def compare(
                   f"not on: {', '.join(t for t in tasks if t not in beats) or 'none'}")
 
 
+@app.command()
+def leaderboard(
+    methods: Annotated[str, typer.Option(help="comma-separated entries: weighting or weighting:sampler")] = (
+        "static,uncertainty,gradnorm,pcgrad,famo,rlw"),
+    params: ParamsOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    steps: Annotated[int | None, typer.Option(help="steps of every stage (default: the profile's)")] = None,
+    budget: Annotated[float | None, typer.Option(help="minutes of training per run at most (a cut run is scored "
+                                                      "as far as it got)")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks for the single-task baselines "
+                                                   "(default: all)")] = None,
+    out: Annotated[Path, typer.Option(help="where the runs train")] = Path("benchmarks/out/leaderboard"),
+    register_winner: Annotated[bool, typer.Option(help="register the best entry (alias challenger) for the gates")] = False,
+) -> None:
+    """Train the profile once per weighting/sampler, same seed and budget; rank by delta-m against single-task runs.
+    Writes reports/leaderboard.json and .html; one MLflow child run per entry."""
+    params = _params_file(params)
+    cfg = _config(params, profile, set_)
+    _prefect_home(cfg)
+    from flows.leaderboard import run_board
+
+    board = run_board(params, profile, [m for m in methods.split(",") if m.strip()], cfg.path(out), steps=steps,
+                      budget_minutes=budget, tasks=tasks.split(",") if tasks else None, overrides=_overrides(set_),
+                      register_winner=register_winner)
+    for rank, row in enumerate(board["rows"], 1):
+        gain = "-" if row["mean_delta_m"] is None else f"{row['mean_delta_m']:+.2f}%"
+        console.print(f"{rank}. {row['name']:<24} mean delta-m {gain:>8}  {row['steps_done']}/{row['steps_planned']} "
+                      f"steps{' (cut)' if row['cut'] else ''}  {row['train_seconds']:.0f} s", highlight=False)
+    console.print(f"reports -> {cfg.path(cfg.reports_dir) / 'leaderboard.html'}")
+    if board.get("registered_version") is not None:
+        console.print(f"registered {board['winner']} as version {board['registered_version']}")
+
+
 def _print_metrics(metrics: dict[str, dict[str, float]], split: str = "test") -> None:
     from rich.table import Table
 

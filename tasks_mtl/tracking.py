@@ -10,6 +10,7 @@ Besides this module only `tasks_mtl.registry` imports MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -203,13 +204,17 @@ class RunTracker:
         """The trainer's `log` callback: flat metric dicts at a global step."""
         return lambda metrics, step: self.log_metrics(metrics, step)
 
-    @contextmanager
-    def stage(self, name: str, tags: dict[str, str] | None = None) -> Iterator[RunTracker]:
+    def stage(self, name: str, tags: dict[str, str] | None = None) -> contextlib.AbstractContextManager[RunTracker]:
         """A nested run for one training stage; FAILED if the stage raises."""
+        return self.child(f"stage-{name}", {"stage": name, **(tags or {})})
+
+    @contextmanager
+    def child(self, run_name: str, tags: dict[str, str] | None = None) -> Iterator[RunTracker]:
+        """A nested run under this one (a stage, a leaderboard entry); FAILED if the block raises."""
         child = self.client.create_run(
             self.client.get_run(self.run_id).info.experiment_id,
-            tags={"mlflow.parentRunId": self.run_id, "stage": name, **(tags or {})},
-            run_name=f"stage-{name}",
+            tags={"mlflow.parentRunId": self.run_id, **(tags or {})},
+            run_name=run_name,
         )
         nested = RunTracker(self.cfg, child.info.run_id)
         try:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tasks_mtl.checkpoint import load_checkpoint, save_checkpoint
+from tasks_mtl.conflict import ConflictProbe, write_conflict_report
 from tasks_mtl.crf_fit import fit_window_crfs
 from tasks_mtl.fingerprint import fingerprint
 from tasks_mtl.tfidf import fit_tfidf_heads
@@ -73,7 +74,8 @@ def stage_key(cfg: Config, index: int) -> str:
         encoder=cfg.encoder,
         tasks=dict(cfg.tasks),
         training=cfg.training.model_dump(mode="json", exclude={"stages", "output_dir", "log_every", "save_every",
-                                                               "threads", "device", "max_nonfinite_steps"}),
+                                                               "threads", "device", "max_nonfinite_steps",
+                                                               "conflict_every"}),
         stages=cfg.training.stages[: index + 1],
     )
 
@@ -260,12 +262,13 @@ def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
 
 
 def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: int | None = None,
-                progress: ProgressFn | None = None) -> Path:
+                progress: ProgressFn | None = None, deadline: float | None = None) -> Path:
     """Run stage `index` (0-based) and return its checkpoint directory. `log` gets the metrics of each
     logging step (MLflow), `progress` the stage's name, step and total as well (a person watching).
 
     `stop_after` ends the stage early after that many steps with its resume state saved (tests use it
-    to simulate an interruption).
+    to simulate an interruption); so does passing `deadline` (a `time.time()`), at the first step after it
+    (a time budget: tasks_mtl/leaderboard.py).
     """
     stage = cfg.training.stages[index]
     out = stage_dir(cfg, index)
@@ -350,6 +353,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     log_file.parent.mkdir(parents=True, exist_ok=True)
     offset = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages[:index])  # global step
     trim_log(log_file, offset + step)  # rows an interrupted run wrote after its last save (all, from step 0)
+    probe = ConflictProbe.for_stage(cfg, index, data, device, offset + step)  # None unless conflict_every > 0
     window: dict[str, list[float]] = {}
     started, tokens = time.perf_counter(), 0
     weight_window: dict[str, list[float]] = {}
@@ -403,6 +407,10 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             if progress:
                 progress(stage.name, step, total, metrics)
             window, weight_window = {}, {}
+        if probe and probe.due(step, total):  # task-gradient cosines on fixed batches; changes nothing
+            probe.record(model, offset + step, log)
+        if deadline is not None and time.time() >= deadline and step < total:
+            stop_after = step
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
             state = training_state(step, key, optimizers, schedulers, sampler, weighting, data, nonfinite.count)
             save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length, state=state)
@@ -423,7 +431,8 @@ def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done
 
 
 def write_loss_report(cfg: Config) -> Path:
-    """Collect every stage's loss log into reports/losses/<task>.csv (step,loss) for `dvc plots`."""
+    """Collect every stage's loss log into reports/losses/<task>.csv (step,loss) for `dvc plots`, and the
+    task-conflict samples, if any, into reports/conflict.{json,html}."""
     out = cfg.path(cfg.reports_dir) / "losses"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -436,6 +445,7 @@ def write_loss_report(cfg: Config) -> Path:
             writer = csv.writer(fh)
             writer.writerow(["step", "stage", "loss"])
             writer.writerows(values)
+    write_conflict_report(cfg)
     return out
 
 

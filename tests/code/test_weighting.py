@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks_mtl.weighting import WEIGHTINGS, build_weighting
+from tasks_mtl.weighting.base import task_gradients
 from tasks_mtl.weighting.cagrad import cagrad_weights, solve_simplex_dual
 from tasks_mtl.weighting.pcgrad import project_conflicting
 
@@ -469,3 +470,41 @@ def test_rlw_weights_vary_with_one_task_per_step() -> None:
     drawn = [weighting.backward({"b": 1.0 + theta.sum()}, [theta], [])["b"] for _ in range(20)]
     assert len(set(drawn)) == 20 and min(drawn) < 0.8 < 1.2 < max(drawn)
     assert 0 < min(drawn) and max(drawn) < 3.0
+
+
+def test_gradnorm_weight_gradient_is_the_papers_l1_loss_with_a_constant_target() -> None:
+    """w.grad_i = sign(G_i - target_i) * ||grad_W L_i||, G_i = w_i ||grad_W L_i||, target = mean(G) r_i^alpha with
+    r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0)): pinned exactly, and L(0) is the first step's losses."""
+    tasks = ["t0", "t1", "t2"]
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.5]], dtype=torch.float64)  # norms 1, 2, .5
+    weighting = build_weighting("gradnorm", tasks, alpha=1.5).double()
+
+    def step(scales: list[float]) -> None:
+        theta = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        losses = {t: s * (1.0 + g[i] @ theta) for i, (t, s) in enumerate(zip(tasks, scales))}
+        weighting.loss_weights.grad = None
+        weighting.backward(losses, [theta], [])
+
+    step([0.25, 2.0, 4.0])  # L(0) below 1 too
+    with torch.no_grad():
+        weighting.loss_weights.copy_(torch.tensor([0.5, 1.0, 1.5]))
+    step([0.125, 2.0, 4.0])  # task 0 halved its loss, the others stood still
+    torch.testing.assert_close(weighting.initial_losses, torch.tensor([0.25, 2.0, 4.0], dtype=torch.float64))
+    norms = torch.tensor([0.125 * 1.0, 2.0 * 2.0, 4.0 * 0.5], dtype=torch.float64)  # ||grad_W L_i|| at these losses
+    w = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    rate = torch.tensor([0.5, 1.0, 1.0], dtype=torch.float64)
+    target = (w * norms).mean() * (rate / rate.mean()) ** 1.5
+    torch.testing.assert_close(weighting.loss_weights.grad, torch.sign(w * norms - target) * norms)
+
+
+def test_gradnorm_probing_the_last_shared_params_still_updates_every_shared_param() -> None:
+    model = TinyMTL(TASKS)
+    weighting = build_weighting("gradnorm", TASKS, last_params=1)  # probe the trunk's bias only
+    shared, private = split_params(model, weighting)
+    losses = model.losses(TASKS, seed=0)
+    bias_grads = task_gradients([losses[t] for t in TASKS], [model.trunk.bias])  # [T, 8]
+    expected_w = torch.sign(bias_grads.norm(dim=1) - bias_grads.norm(dim=1).mean()) * bias_grads.norm(dim=1)
+    singles = [torch.autograd.grad(losses[t], model.trunk.weight, retain_graph=True)[0] for t in TASKS]
+    weighting.backward(losses, shared, private)
+    torch.testing.assert_close(model.trunk.weight.grad, sum(singles))  # weights are 1 at the start
+    torch.testing.assert_close(weighting.loss_weights.grad, expected_w)  # target = the mean norm at step 0
