@@ -102,19 +102,22 @@ class Predictor:
             out[rows] = (summed / torch.bincount(owner, minlength=len(chunk)).clamp(min=1)[:, None]).numpy()
         return out
 
-    @torch.inference_mode()
     def token_tags(self, task: str, token_lists: list[list[str]]) -> list[list[str]]:
         """One tag per token of each list; tokens the tokenizer drops (whitespace) get the outside tag."""
-        tags = self.tasks[task].tag_set()
-        outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
-        head = self.model.heads[task]
-        results: list[list[str]] = [[] for _ in token_lists]
+        return self.tasks_token_tags([task], token_lists)[task]
+
+    @torch.inference_mode()
+    def tasks_token_tags(self, tasks: list[str], token_lists: list[list[str]]) -> dict[str, list[list[str]]]:
+        """`token_tags` of several token tasks at once: they read the same encoding of the same texts, so each
+        batch goes through the encoder once for all of them (as co-labelled training batches do)."""
+        results: dict[str, list[list[str]]] = {task: [[] for _ in token_lists] for task in tasks}
         for rows in self.batches_by_length([len(t) for t in token_lists]):
             chunk = [token_lists[i] for i in rows]
             enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.window,
                                  stride=self.stride, return_overflowing_tokens=True, padding=True, return_tensors="pt")
             owner = enc["overflow_to_sample_mapping"].tolist()
-            emissions = self._logits(task, enc).cpu()  # (F, T, C)
+            batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            hidden = self.model.tasks_hidden(tasks, batch)  # one encoder pass: {task: (F, T, H)}
             lengths = enc["attention_mask"].sum(1).tolist()
             best: list[dict[int, tuple[int, int, int]]] = [{} for _ in chunk]  # word -> (margin, feature, position)
             for f, sample in enumerate(owner):
@@ -126,27 +129,43 @@ class Predictor:
                             best[sample][word] = (margin, f, pos)
                     previous = word
             present = [sorted(b) for b in best]  # per sample: its words that have a position
-            width = max([len(p) for p in present] + [1])
-            packed = torch.zeros(len(chunk), width, emissions.shape[-1])  # (N, W, C): each sample's words in order
-            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for sample, words in enumerate(present):
-                where = [best[sample][w] for w in words]
-                packed[sample, : len(words)] = emissions[[f for _, f, _ in where], [p for _, _, p in where]]
-                mask[sample, : len(words)] = True
-            decodable = mask[:, 0]  # samples with at least one word (a CRF decodes those only)
-            ids: list[list[int]] = [[] for _ in chunk]
-            if head.crf is not None and bool(decodable.any()):  # one batched Viterbi pass over the chunk
-                paths = head.crf.decode(packed[decodable].to(self.device), mask=mask[decodable].to(self.device))
-                for sample, path in zip(decodable.nonzero().flatten().tolist(), paths):
-                    ids[sample] = path
-            elif head.crf is None:
-                ids = [row[: len(words)] for row, words in zip(packed.argmax(-1).tolist(), present)]
-            for sample, tokens in enumerate(chunk):
-                decoded = [outside] * len(tokens)
-                for w, i in zip(present[sample], ids[sample]):
-                    decoded[w] = tags[i]
-                results[rows[sample]] = decoded
+            features = [[b[w][1] for w in words] for b, words in zip(best, present)]
+            positions = [[b[w][2] for w in words] for b, words in zip(best, present)]
+            for task in tasks:
+                emissions = self.model.logits(task, batch, hidden[task]).float().cpu()  # (F, T, C)
+                decoded = self._decode(task, emissions, present, features, positions, chunk)
+                for sample, tags in enumerate(decoded):
+                    results[task][rows[sample]] = tags
         return results
+
+    def _decode(self, task: str, emissions: torch.Tensor, present: list[list[int]], features: list[list[int]],
+                positions: list[list[int]], chunk: list[list[str]]) -> list[list[str]]:
+        """Each sample's word emissions (taken from the window where the word sits farthest from an edge) decoded
+        in one batched Viterbi pass (argmax without a CRF); words without a position get the outside tag."""
+        tags = self.tasks[task].tag_set()
+        outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
+        head = self.model.heads[task]
+        width = max([len(p) for p in present] + [1])
+        packed = torch.zeros(len(chunk), width, emissions.shape[-1])  # (N, W, C): each sample's words in order
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for sample, words in enumerate(present):
+            packed[sample, : len(words)] = emissions[features[sample], positions[sample]]
+            mask[sample, : len(words)] = True
+        decodable = mask[:, 0]  # samples with at least one word (a CRF decodes those only)
+        ids: list[list[int]] = [[] for _ in chunk]
+        if head.crf is not None and bool(decodable.any()):
+            paths = head.crf.decode(packed[decodable].to(self.device), mask=mask[decodable].to(self.device))
+            for sample, path in zip(decodable.nonzero().flatten().tolist(), paths):
+                ids[sample] = path
+        elif head.crf is None:
+            ids = [row[: len(words)] for row, words in zip(packed.argmax(-1).tolist(), present)]
+        out = []
+        for sample, tokens in enumerate(chunk):
+            decoded = [outside] * len(tokens)
+            for w, i in zip(present[sample], ids[sample]):
+                decoded[w] = tags[i]
+            out.append(decoded)
+        return out
 
     # -- records ------------------------------------------------------------------------------------
 
@@ -168,10 +187,12 @@ class Predictor:
                 if which:
                     probs = self.class_probs(name, [texts[i] for i in which], [pairs[i] for i in which])
                     self._add_labels(records, name, probs, which)
-            elif cfg.type == "token_classification":
-                all_tags = self.token_tags(name, [list(t) for t in texts])
-                for record, text, tags in zip(records, texts, all_tags):
-                    record[name] = render_tokens(text, lenient_spans(tags, cfg.scheme), cfg.output)
+        token_tasks = [name for name, cfg in self.tasks.items() if cfg.type == "token_classification"]
+        tagged = self.tasks_token_tags(token_tasks, [list(t) for t in texts]) if token_tasks else {}
+        for name in token_tasks:
+            cfg = self.tasks[name]
+            for record, text, tags in zip(records, texts, tagged[name]):
+                record[name] = render_tokens(text, lenient_spans(tags, cfg.scheme), cfg.output)
         return records
 
     def _add_labels(self, records: list[dict], task: str, probs: np.ndarray, rows) -> None:
