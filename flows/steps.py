@@ -92,12 +92,23 @@ def same_version_step(cfg: Config, provenance: dict[str, str]) -> dict[str, Any]
 @task(name="train-stage", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def train_stage_step(cfg: Config, index: int, run_id: str, init_dir: Path | None = None) -> Path:
     """One training stage in its own nested MLflow run; `init_dir` (the previous stage's result)
-    orders the steps in the flow graph, `train_stage` finds it itself."""
+    orders the steps in the flow graph, `train_stage` finds it itself. With `training.nproc` > 1 torchrun
+    trains it (tasks_mtl/distributed.py: rank 0 writes the checkpoint and the stage log), and the stage log's
+    metrics go to MLflow from here afterwards; registering stays with the flow, so it happens once."""
+    from tasks_mtl.distributed import launch
     from tasks_mtl.progress import StageProgress
-    from tasks_mtl.train import train_stage
+    from tasks_mtl.runlog import read_stage_log
+    from tasks_mtl.train import is_done, train_stage
 
     progress = StageProgress(emit=get_run_logger().info, every_s=60)  # the run's log in the UI: a line a minute
-    with tracking.RunTracker.attach(cfg, run_id).stage(cfg.training.stages[index].name) as stage_run:
+    name = cfg.training.stages[index].name
+    with tracking.RunTracker.attach(cfg, run_id).stage(name) as stage_run:
+        if cfg.training.nproc > 1 and not is_done(cfg, index):
+            out = launch(cfg, cfg.training.nproc, name)
+            log = stage_run.logger()
+            for step, metrics in read_stage_log(cfg, index).items():
+                log(metrics, step)
+            return out
         return train_stage(cfg, index, log=stage_run.logger(), progress=progress)
 
 

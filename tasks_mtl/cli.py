@@ -168,15 +168,27 @@ def train(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     stage: Annotated[str | None, typer.Option(help="run only this stage (its input is the previous stage's checkpoint)")] = None,
+    nproc: Annotated[int | None, typer.Option(min=1, help="training processes on this machine, started by torchrun "
+                                              "(data-parallel; default: training.nproc)")] = None,
 ) -> None:
-    """Run the training stages; each stage writes a checkpoint directory."""
+    """Run the training stages; each stage writes a checkpoint directory. Under torchrun (`torchrun ...
+    --no-python mtl train`) each process trains its rank; `--nproc N` starts torchrun itself."""
+    from tasks_mtl import distributed
     from tasks_mtl.progress import StageProgress
     from tasks_mtl.train import train_all, train_stage_by_name
 
     cfg = _config(params, profile, set_)
-    progress = StageProgress()  # a live line on a terminal, plain lines every 30 s in a pipe
-    out = train_stage_by_name(cfg, stage, progress=progress) if stage else train_all(cfg, progress=progress)
-    console.print(f"checkpoint -> {out}")
+    nproc = nproc or cfg.training.nproc
+    if nproc > 1 and not distributed.under_torchrun():
+        out = distributed.launch(cfg, nproc, stage)
+        console.print(f"checkpoint -> {out}")
+        return
+    with distributed.process_group(cfg):
+        main_rank = distributed.Ranks.current().is_main
+        progress = StageProgress() if main_rank else None  # a live line on a terminal, plain lines every 30 s in a pipe
+        out = train_stage_by_name(cfg, stage, progress=progress) if stage else train_all(cfg, progress=progress)
+    if main_rank:
+        console.print(f"checkpoint -> {out}")
 
 
 @app.command()

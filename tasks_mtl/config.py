@@ -264,6 +264,8 @@ class TrainingConfig(Strict):
     bf16: bool | None = None  # autocast to bfloat16; None: on where the device runs it fast (avx512_bf16/AMX CPU, GPU)
     device: str = "auto"  # auto: cuda when present, else cpu
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    nproc: int = Field(1, ge=1)  # training processes on this machine (torchrun, tasks_mtl/distributed.py); the
+    #                              batch settings are per process, so the global batch is nproc times them
     save_every: int = 500  # steps between resumable checkpoints inside a stage (0 = off)
     log_every: int = 25  # steps between logged losses
     conflict_every: int = Field(0, ge=0)  # steps between task-gradient cosine samples (tasks_mtl/conflict.py); 0 = off

@@ -43,12 +43,23 @@ def read_logs(cfg: Config) -> Iterator[tuple[int, str, str, float]]:
     """(step, stage, metric, value) of every stage's log that exists, in stage order; a row that does not
     parse (the cut last line of an interrupted stage) is skipped."""
     for index in range(len(cfg.training.stages or [])):
-        path = stage_log(cfg, index)
-        if not path.exists():
-            continue
-        with path.open(newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                try:
-                    yield int(row["step"]), row["stage"], row["metric"], float(row["value"])
-                except (KeyError, TypeError, ValueError):
-                    continue
+        yield from _rows(stage_log(cfg, index))
+
+
+def _rows(path: Path) -> Iterator[tuple[int, str, str, float]]:
+    if not path.exists():
+        return
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                yield int(row["step"]), row["stage"], row["metric"], float(row["value"])
+            except (KeyError, TypeError, ValueError):
+                continue
+
+
+def read_stage_log(cfg: Config, index: int) -> dict[int, dict[str, float]]:
+    """Stage `index`'s logged metrics by global step (what its `log` callback was given, step by step)."""
+    steps: dict[int, dict[str, float]] = {}
+    for step, _, metric, value in _rows(stage_log(cfg, index)):
+        steps.setdefault(step, {})[metric] = value
+    return steps

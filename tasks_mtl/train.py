@@ -6,7 +6,9 @@ checkpoint directory plus `done.json`. Calling a finished stage again returns at
 that was interrupted resumes from its last `<dir>.resume/` save with optimizer, scheduler,
 sampler, batch order, RNG and weighting state, so the result matches an uninterrupted run (a broken
 or stale save is skipped: tasks_mtl/resume.py). A step with a NaN or infinite loss or gradient moves
-nothing and is counted; too many stop the stage (tasks_mtl/nonfinite.py).
+nothing and is counted; too many stop the stage (tasks_mtl/nonfinite.py). Under torchrun the same loop
+runs on every rank, kept in step by tasks_mtl/distributed.py (sharded data, averaged gradients, rank 0 writes);
+the data streams live in tasks_mtl/streams.py, the optimizers in tasks_mtl/optim.py.
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tasks_mtl.checkpoint import load_checkpoint, save_checkpoint
+from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.conflict import ConflictProbe, write_conflict_report
 from tasks_mtl.crf_fit import fit_window_crfs
+from tasks_mtl.distributed import Ranks, configured_device
 from tasks_mtl.fingerprint import fingerprint
-from tasks_mtl.tfidf import fit_tfidf_heads
-from tasks_mtl.config import Config, StageConfig
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.nonfinite import NonFiniteSteps
+from tasks_mtl.optim import (NGRAM_MODULES, learning_rates, linear_schedule, make_optimizers,  # noqa: F401
+                             param_groups)
 from tasks_mtl.progress import ProgressFn
 from tasks_mtl.resume import discard_resume, find_resume, restore, training_state, trim_log
 from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
-from tasks_mtl.sampling import AllTasks, BatchOrder, build_sampler
+from tasks_mtl.sampling import AllTasks, build_sampler
+from tasks_mtl.streams import (StreamData, co_labelled_collator, co_labelled_groups, load_features,  # noqa: F401
+                               merge_features, stage_batch_tokens, stream_data)
+from tasks_mtl.tfidf import fit_tfidf_heads
 from tasks_mtl.weighting import build_weighting
 
 logger = logging.getLogger(__name__)
@@ -45,9 +51,8 @@ LogFn = Callable[[dict[str, float], int], None]
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.training.device != "auto":
-        return torch.device(cfg.training.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: `training.device` (auto: cuda when present), its own GPU under torchrun."""
+    return Ranks.current().device(configured_device(cfg))
 
 
 def bf16_fast(device: torch.device) -> bool:
@@ -75,7 +80,7 @@ def stage_key(cfg: Config, index: int) -> str:
         tasks=dict(cfg.tasks),
         training=cfg.training.model_dump(mode="json", exclude={"stages", "output_dir", "log_every", "save_every",
                                                                "threads", "device", "max_nonfinite_steps",
-                                                               "conflict_every"}),
+                                                               "conflict_every", "nproc"}),
         stages=cfg.training.stages[: index + 1],
     )
 
@@ -83,30 +88,6 @@ def stage_key(cfg: Config, index: int) -> str:
 def is_done(cfg: Config, index: int) -> bool:
     marker = stage_dir(cfg, index) / "done.json"
     return marker.exists() and json.loads(marker.read_text()).get("key") == stage_key(cfg, index)
-
-
-class StreamData:
-    """The train features of one stream (a task, or co-labelled tasks sharing texts), its collator and its
-    endless, resumable batch order."""
-
-    def __init__(self, tasks: list[str], features: list[dict], collate, cfg: Config, seed: int,
-                 max_tokens: int | None):
-        self.tasks, self.features, self.collate = tasks, features, collate
-        self.order = BatchOrder([len(f["input_ids"]) for f in features], cfg.training.batch_size, seed,
-                                max_tokens=max_tokens)
-
-    def next_batch(self, device: torch.device) -> dict[str, torch.Tensor]:
-        rows = [dict(self.features[i]) for i in self.order.next()]
-        return {k: v.to(device) for k, v in self.collate(rows).items()}
-
-
-def load_features(cfg: Config, task: str, split: str = "train") -> list[dict]:
-    from datasets import load_from_disk
-
-    path = cfg.path(cfg.data.tokenized_dir) / task / split
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenized data at {path}; run `mtl tokenize` first")
-    return load_from_disk(str(path)).to_list()
 
 
 def stage_steps(cfg: Config, stage: StageConfig, sizes: dict[str, int]) -> int:
@@ -119,146 +100,10 @@ def stage_steps(cfg: Config, stage: StageConfig, sizes: dict[str, int]) -> int:
     return max(1, math.ceil(stage.epochs * max(sizes.values()) / (rows * cfg.training.grad_accum)))
 
 
-def stage_batch_tokens(cfg: Config, stage: StageConfig) -> int | None:
-    """The stage's token budget per batch (None: `batch_size` rows)."""
-    return stage.batch_tokens if stage.batch_tokens is not None else cfg.training.batch_tokens
-
-
 def train_sizes(cfg: Config, stage: StageConfig) -> dict[str, int]:
     """Tokenized train features per task of a stage, from the tokenize step's meta.json."""
     features = json.loads((cfg.path(cfg.data.tokenized_dir) / "meta.json").read_text())["features"]
     return {t: features[t]["train"] for t in stage.task_names(cfg.tasks)}
-
-
-NGRAM_MODULES = (".bag.", ".lexical.", ".tfidf.", ".neighbours.")  # head parts that are n-gram models
-
-
-def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float) -> list[dict]:
-    """Encoder parameters by depth (layer-wise LR decay from the top; bigram embeddings sit with the
-    embeddings), then heads and soft layers, with n-gram bags and window features at their own rate. The encoder's groups
-    come first, so group 0 carries the encoder's top learning rate when the encoder trains."""
-    groups: dict[tuple[str, float, float], list] = {}
-    sparse = {id(p) for p in sparse_parameters(model)}
-
-    def add(kind: str, lr: float, p: torch.nn.Parameter) -> None:
-        if p.requires_grad:
-            if id(p) in sparse:
-                kind, decay = "sparse", 0.0  # SparseAdam: no weight decay
-            else:
-                decay = 0.0 if p.ndim == 1 else weight_decay  # no decay on biases and LayerNorm
-            groups.setdefault((kind, lr, decay), []).append(p)
-
-    for name, p in model.bert.named_parameters():
-        add("encoder", stage.encoder_lr * stage.layer_decay ** (model.depth - model.encoder_layer_of(name)), p)
-    if model.bigrams is not None:
-        for p in model.bigrams.parameters():
-            add("encoder", stage.encoder_lr * stage.layer_decay ** model.depth, p)
-    for name, p in [*model.heads.named_parameters(), *model.private.named_parameters()]:
-        ngram = any(part in f".{name}" for part in NGRAM_MODULES)  # n-gram models: their own rate
-        add("heads", stage.ngram_lr if ngram else stage.head_lr, p)
-    for p in model.window.parameters() if model.window is not None else []:
-        add("heads", stage.ngram_lr, p)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "encoder", item[0][0], -item[0][1]))
-    return [{"params": ps, "lr": lr, "weight_decay": wd, "name": kind} for (kind, lr, wd), ps in ordered]
-
-
-def make_optimizers(groups: list[dict]) -> list[torch.optim.Optimizer]:
-    """AdamW for the dense groups, plus SparseAdam for the n-gram tables (only the rows a batch touches move)."""
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW([g for g in groups if g["name"] != "sparse"])]
-    if any(g["name"] == "sparse" for g in groups):
-        optimizers.append(torch.optim.SparseAdam([g for g in groups if g["name"] == "sparse"]))
-    return optimizers
-
-
-def co_labelled_groups(cfg: Config, tasks: list[str], features: dict[str, list[dict]]) -> list[list[str]]:
-    """Streams of a stage: token tasks whose train texts coincide (most windows of the smaller task occur
-    in the other) form one stream, trained from one forward pass; every other task is its own stream."""
-    streams: list[list[str]] = []
-    seen: dict[str, set] = {}
-    for task in tasks:
-        if not cfg.training.co_label or cfg.tasks[task].type != "token_classification":
-            streams.append([task])
-            continue
-        seen[task] = {tuple(f["input_ids"]) for f in features[task]}
-        for stream in streams:
-            first = stream[0]
-            if first in seen and len(seen[first] & seen[task]) >= 0.5 * min(len(seen[first]), len(seen[task])):
-                stream.append(task)
-                break
-        else:
-            streams.append([task])
-    return streams
-
-
-def merge_features(tasks: list[str], features: dict[str, list[dict]]) -> list[dict]:
-    """One row per distinct window of the tasks' texts, carrying `labels/<task>` for each task (IGNORE
-    for a task that does not label that text)."""
-    from tasks_mtl.tasks.token_classification import IGNORE
-
-    rows: dict[tuple, dict] = {}
-    for task in tasks:
-        for f in features[task]:
-            key = tuple(f["input_ids"])
-            row = rows.setdefault(key, {k: v for k, v in f.items() if k != "labels"})
-            row.setdefault(f"labels/{task}", f["labels"])
-    for row in rows.values():
-        for task in tasks:
-            row.setdefault(f"labels/{task}", [IGNORE] * len(row["input_ids"]))
-    return list(rows.values())
-
-
-def co_labelled_collator(tokenizer, tasks: list[str]):
-    """Pad the inputs with the tokenizer and every `labels/<task>` column with IGNORE."""
-    from tasks_mtl.tasks.token_classification import IGNORE
-
-    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-        inputs = [{k: v for k, v in r.items() if not k.startswith("labels/")} for r in rows]
-        batch = dict(tokenizer.pad(inputs, return_tensors="pt"))
-        width = batch["input_ids"].shape[1]
-        for task in tasks:
-            key = f"labels/{task}"
-            batch[key] = torch.tensor([r[key] + [IGNORE] * (width - len(r[key])) for r in rows], dtype=torch.long)
-        return batch
-
-    return collate
-
-
-def stream_data(cfg: Config, model: MultiTaskModel, tokenizer, tasks: list[str], index: int) -> dict[str, StreamData]:
-    """The stage's streams by name ("ner+cws+pos" for co-labelled tasks), each with its data."""
-    features = {t: load_features(cfg, t) for t in tasks}
-    budget = stage_batch_tokens(cfg, cfg.training.stages[index])
-    data = {}
-    for i, stream in enumerate(co_labelled_groups(cfg, tasks, features)):
-        seed = cfg.seed + 1000 * index + i
-        if len(stream) == 1:
-            task = stream[0]
-            data[task] = StreamData(stream, features[task], model.task_types[task].collator(tokenizer), cfg, seed,
-                                    budget)
-        else:
-            data["+".join(stream)] = StreamData(stream, merge_features(stream, features),
-                                                co_labelled_collator(tokenizer, stream), cfg, seed, budget)
-    return data
-
-
-def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """The current top rate of the encoder (absent while it is frozen) and of the heads."""
-    rates: dict[str, float] = {}
-    for group in optimizer.param_groups:
-        kind = group.get("name")
-        if kind in ("encoder", "heads"):
-            rates[f"lr/{kind}"] = max(rates.get(f"lr/{kind}", 0.0), float(group["lr"]))
-    return rates
-
-
-def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
-    warm = int(total * warmup)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    return factor
 
 
 def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: int | None = None,
@@ -277,6 +122,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     resume_dir = out.with_name(out.name + ".resume")
     key = stage_key(cfg, index)
     resume = find_resume(resume_dir, key)  # (directory, state) of the last good save of this stage, or None
+    ranks = Ranks.current()  # one process, or this rank of a torchrun group (tasks_mtl/distributed.py)
     device = resolve_device(cfg)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
@@ -307,17 +153,20 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     tasks = stage.task_names(cfg.tasks)
     if stage.features_only:  # heads fitted by convex solvers get it first (a resume save holds it already)
         fitted = [t for t in tasks if cfg.tasks[t].fitted()]
-        if resume is None:
+        if resume is None and ranks.is_main:  # the others receive the result with the weights below
             fit_window_crfs(cfg, model, fitted, load_features)
             fit_tfidf_heads(cfg, model, fitted, load_features)
         tasks = [t for t in tasks if t not in fitted]
         if not tasks:  # nothing left for SGD
-            return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": 0, "nonfinite_steps": 0})
-    data = stream_data(cfg, model, tokenizer, tasks, index)
-    sizes = {name: len(d.features) for name, d in data.items()}
+            ranks.broadcast(model)
+            return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": 0, "nonfinite_steps": 0}, ranks)
+    ranks.broadcast(model)  # every rank starts from rank 0's weights
+    data = stream_data(cfg, model, tokenizer, tasks, index, ranks.shard)  # this rank's share of each stream
+    sizes = {name: d.size for name, d in data.items()}  # whole streams: the same sampler and steps on every rank
     total = stage_steps(cfg, stage, sizes)
     weighting = build_weighting(stage.weighting, tasks, **stage.weighting_args).to(device)
     weighting.accumulation = cfg.training.grad_accum
+    weighting.mean_over_ranks = ranks.mean if ranks.world > 1 else None  # combine the global batch's gradients
     draws = total * cfg.training.grad_accum  # the sampler is asked once per micro-batch
     if weighting.requires_all_tasks:
         if stage.sampler != "all":
@@ -339,21 +188,24 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizers[-1], lambda _: 1.0))
     sparse_ids = {id(p) for p in sparse_parameters(model)}
     clipped = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
+    synced = [p for p in model.parameters() if p.requires_grad] + weighting_params  # averaged over the ranks
     bf16 = use_bf16(cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     step, nonfinite = 0, NonFiniteSteps(stage.name, cfg.training.max_nonfinite_steps)
     if resume is not None:
         step, nonfinite.count = resume[1]["step"], resume[1]["nonfinite"]
-        restore(resume[1], optimizers, schedulers, sampler, weighting, data)
+        restore(resume[1], optimizers, schedulers, sampler, weighting, data, ranks.rank)
         logger.warning("stage %r resumes at step %d of %d from %s", stage.name, step, total, resume[0])
+    ranks.decorrelate(cfg.seed + index, step)  # dropout: a stream per rank (rank 0's is the one-process one)
 
     # -- the loop --------------------------------------------------------------------------------------
     log_file = stage_log(cfg, index)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     offset = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages[:index])  # global step
-    trim_log(log_file, offset + step)  # rows an interrupted run wrote after its last save (all, from step 0)
-    probe = ConflictProbe.for_stage(cfg, index, data, device, offset + step)  # None unless conflict_every > 0
+    if ranks.is_main:
+        trim_log(log_file, offset + step)  # rows an interrupted run wrote after its last save (all, from step 0)
+    probe = ConflictProbe.for_stage(cfg, index, data, device, offset + step) if ranks.is_main else None
     window: dict[str, list[float]] = {}
     started, tokens = time.perf_counter(), 0
     weight_window: dict[str, list[float]] = {}
@@ -374,9 +226,12 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                         window.setdefault(task, []).append(value)
                     elif bad is None:
                         bad = f"task {task!r} has a loss of {value}"
+            bad = ranks.agree(bad, device)  # a NaN on any rank skips the step on all
             if bad is None:
                 for task, w in weighting.backward(losses, shared, private).items():
                     weight_window.setdefault(task, []).append(w)
+        if bad is None:
+            ranks.average_gradients(synced, sparse_ids)
         if bad is None and cfg.training.clip_norm > 0:  # dense model parameters: not the weighting's or sparse tables
             norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)
             if not torch.isfinite(norm):
@@ -394,39 +249,56 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        if step % cfg.training.log_every == 0 or step == total:
-            metrics = {f"loss/{t}": float(np.mean(v)) for t, v in window.items()}
-            metrics |= {f"weight/{t}": float(np.mean(v)) for t, v in weight_window.items()}  # mean over the window
+        if step % cfg.training.log_every == 0 or step == total:  # means over every rank; rank 0 writes them
+            metrics = {f"loss/{t}": v for t, v in ranks.window_means(window, tasks, device).items()}
+            metrics |= {f"weight/{t}": v for t, v in ranks.window_means(weight_window, tasks, device).items()}
             metrics |= learning_rates(optimizers[0])
-            metrics |= {"tokens_per_s": tokens / (time.perf_counter() - started), "bf16": float(bf16)}
+            metrics |= {"tokens_per_s": ranks.sums([tokens], device)[0] / (time.perf_counter() - started),
+                        "bf16": float(bf16)}
             if nonfinite.count:
                 metrics["nonfinite_steps"] = float(nonfinite.count)
-            append_log(log_file, offset + step, stage.name, metrics)
-            if log:
-                log(metrics, offset + step)
-            if progress:
-                progress(stage.name, step, total, metrics)
+            if ranks.is_main:
+                append_log(log_file, offset + step, stage.name, metrics)
+                if log:
+                    log(metrics, offset + step)
+                if progress:
+                    progress(stage.name, step, total, metrics)
             window, weight_window = {}, {}
         if probe and probe.due(step, total):  # task-gradient cosines on fixed batches; changes nothing
             probe.record(model, offset + step, log)
-        if deadline is not None and time.time() >= deadline and step < total:
+        if deadline is not None and ranks.any(time.time() >= deadline, device) and step < total:
             stop_after = step
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
-            state = training_state(step, key, optimizers, schedulers, sampler, weighting, data, nonfinite.count)
-            save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length, state=state)
+            orders = ranks.gather({t: d.order.state_dict() for t, d in data.items()})  # each rank's own shard
+            if ranks.is_main:
+                state = training_state(step, key, optimizers, schedulers, sampler, weighting, data, nonfinite.count,
+                                       orders if ranks.world > 1 else None)
+                save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length, state=state)
+            ranks.barrier()
             if step == stop_after:
                 return resume_dir
 
     return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": total, "nonfinite_steps": nonfinite.count,
-                                                       "seconds": round(time.perf_counter() - started, 1)})
+                                                       "seconds": round(time.perf_counter() - started, 1)}, ranks)
 
 
-def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done: dict) -> Path:
-    """Save the stage's checkpoint, mark it done (`done`: its key and figures) and drop its resume saves."""
+def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done: dict,
+                 ranks: Ranks | None = None) -> Path:
+    """Save the stage's checkpoint, mark it done (`done`: its key and figures) and drop its resume saves. Under
+    several processes rank 0 does it, after recording every rank's weight digest in `done` (`rank_digests`:
+    all equal unless the ranks drifted apart, which stops the stage), while the others wait."""
+    ranks = ranks or Ranks()
     out = stage_dir(cfg, index)
-    save_checkpoint(model, tokenizer, out, cfg.encoder.max_length)
-    (out / "done.json").write_text(json.dumps(done))
-    discard_resume(out.with_name(out.name + ".resume"))
+    if ranks.world > 1:
+        digests = ranks.digests(model)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"stage {index}: the weights differ between the {ranks.world} processes after training")
+        done = done | {"processes": ranks.world, "rank_digests": digests}
+    if ranks.is_main:
+        save_checkpoint(model, tokenizer, out, cfg.encoder.max_length)
+        (out / "done.json").write_text(json.dumps(done))
+        discard_resume(out.with_name(out.name + ".resume"))
+    ranks.barrier()
     return out
 
 
@@ -454,7 +326,8 @@ def train_all(cfg: Config, log: LogFn | None = None, progress: ProgressFn | None
     out = None
     for index in range(len(cfg.training.stages)):
         out = train_stage(cfg, index, log, progress=progress)
-    write_loss_report(cfg)
+    if Ranks.current().is_main:
+        write_loss_report(cfg)
     return out
 
 

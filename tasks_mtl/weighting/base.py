@@ -10,10 +10,17 @@ paper normalises the task weights to sum to 1 are multiplied by the number of ta
 
 All state (loss history, RNG state, learnable weights) lives in buffers or parameters, so
 `state_dict()` is all tensors and a resumed run continues exactly.
+
+Under several processes (tasks_mtl/distributed.py) the trainer averages every gradient over the ranks
+after `backward`, which is right for methods linear in the task losses. A method that reads loss values or
+combines per-task gradients non-linearly passes them through `sync` first (the mean over the ranks, set by
+the trainer as `mean_over_ranks`; the identity in one process), so it decides on the global batch and its
+state stays identical on every rank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -26,6 +33,7 @@ class LossWeighting(nn.Module):
     requires_all_tasks: ClassVar[bool] = False  # True: every step must carry a loss for every task
     lr: float | None = None  # learnable weights: None = trained with the heads; else their own Adam at this rate
     accumulation: int = 1  # micro-batches per optimizer step (the trainer sets it); losses arrive divided by it
+    mean_over_ranks: Callable[[Tensor], Tensor] | None = None  # several processes: their mean (the trainer sets it)
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
@@ -47,6 +55,10 @@ class LossWeighting(nn.Module):
 
     def after_step(self) -> None:
         """Called after optimizer.step(); stateful methods update themselves here."""
+
+    def sync(self, value: Tensor) -> Tensor:
+        """`value` (same shape on every rank) averaged over the training processes; itself in one process."""
+        return value if self.mean_over_ranks is None else self.mean_over_ranks(value)
 
     # -- helpers for subclasses ---------------------------------------------------------------
 
@@ -90,9 +102,9 @@ class GradientWeighting(LossWeighting):
         names = self.present(losses)
         loss_list = [losses[n] for n in names]
         weights = torch.ones(len(names), dtype=loss_list[0].dtype, device=loss_list[0].device)  # [T]
-        grads = task_gradients(loss_list, shared) if shared else None  # [T, P]
+        grads = self.sync(task_gradients(loss_list, shared)) if shared else None  # [T, P], global batch's
         if grads is not None and bool(grads.any()):  # else nothing shared to arbitrate (frozen, or zero)
-            update, weights = self.combine(grads, torch.stack([l.detach() for l in loss_list]))
+            update, weights = self.combine(grads, self.sync(torch.stack([l.detach() for l in loss_list])))
             add_flat_grad(shared, update)
         head_weights = weights if self.weights_heads else torch.ones_like(weights)
         backward_weighted(loss_list, head_weights, private)

@@ -58,6 +58,8 @@ class DynamicWeightAverage(LossWeighting):
         self.steps_in_window += 1
         if int(self.steps_in_window) < self.window:
             return
+        self.loss_sum.copy_(self.sync(self.loss_sum))  # several processes: the window over all of them
+        self.loss_count.copy_(self.sync(self.loss_count))
         seen = self.loss_count > 0
         mean = torch.where(seen, self.loss_sum / self.loss_count.clamp_min(1), self.last)
         self.before_last.copy_(self.last)

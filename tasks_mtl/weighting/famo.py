@@ -61,7 +61,7 @@ class FAMO(LossWeighting):
                 xi.grad.add_(logit_grad)
             self.has_delta.fill_(False)
         z = torch.softmax(xi.detach(), dim=0)  # [K]
-        shifted = (task_losses.detach() - self.min_loss).clamp_min(1e-8).to(z)  # [K] L_i - L_i*
+        shifted = (self.sync(task_losses.detach()) - self.min_loss).clamp_min(1e-8).to(z)  # [K] L_i - L_i*
         alpha = len(names) * (z / shifted) / (z / shifted).sum()  # [K]
         (alpha.to(task_losses) * task_losses).sum().backward()
         self.step_sum.add_(shifted.to(self.step_sum))

@@ -39,7 +39,7 @@ class GradNorm(LossWeighting):
     ) -> dict[str, float]:
         names = self.present(losses)
         loss_list = [losses[n] for n in names]
-        task_losses = torch.stack([l.detach() for l in loss_list]).to(self.initial_losses)  # [K]
+        task_losses = self.sync(torch.stack([l.detach() for l in loss_list]).to(self.initial_losses))  # [K]
         if not bool(self.initialised):
             self.initial_losses.copy_(task_losses)
             self.initialised.fill_(True)
@@ -50,7 +50,7 @@ class GradNorm(LossWeighting):
             backward_weighted(loss_list, w_const, private)
             return {n: float(x) for n, x in zip(names, w_const.tolist())}
 
-        grads = task_gradients(loss_list, probe)  # [K, P]
+        grads = self.sync(task_gradients(loss_list, probe))  # [K, P], of the global batch under several processes
         norms = grads.norm(dim=1).detach().to(w)  # [K] ||grad_W L_i||
         g = w * norms  # [K] ||grad_W w_i L_i||
         rate = task_losses / self.initial_losses.clamp_min(1e-12)  # [K] inverse training rate
