@@ -113,7 +113,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
 
     `stop_after` ends the stage early after that many steps with its resume state saved (tests use it
     to simulate an interruption); so does passing `deadline` (a `time.time()`), at the first step after it
-    (a time budget: tasks_mtl/leaderboard.py).
+    (a time budget: tasks_mtl/leaderboard.py). Under torchrun every rank calls it; `log` and `progress` are
+    called on rank 0 only, with the metrics of all ranks.
     """
     stage = cfg.training.stages[index]
     out = stage_dir(cfg, index)
