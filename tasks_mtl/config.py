@@ -220,8 +220,8 @@ def scratch_stages(tasks: dict[str, TaskConfig] | None = None) -> list[StageConf
        (ner alone after 600 Adam steps: train F1 0.956, test 0.905). Then SGD in big batches (~0.2 s per 8k-token
        step) trains the window embeddings that cws and pos share, their CRFs, and nsp's n-gram overlap and bag.
     2. `joint`: every task, every layer training from the first step, the features tuned on.
-    Sized for a ~25-minute `make run` on 2 CPU cores (the joint stage at ~0.31 s per step of ~2,000 tokens in
-    bf16: 2,600 steps ~13 minutes; 1,700 steps gave sentiment 0.858, ner 0.960, 2,600 gave 0.860, 0.961). Without a task that has n-gram features (`tasks`), only the joint stage."""
+    Sized for a ~25-minute `make run` on 2 CPU cores (the joint stage at 0.31-0.40 s per step of ~2,000 tokens in
+    bf16: 2,600 steps 13-17 minutes; 1,700 steps gave sentiment 0.858, ner 0.960, 2,600 gave 0.858-0.860, 0.961). Without a task that has n-gram features (`tasks`), only the joint stage."""
     joint = StageConfig(name="joint", freeze_layers="none", steps=2600, encoder_lr=1e-3, head_lr=1e-3, warmup=0.05,
                         sampler="fixed", sampler_args={"weights": DEFAULT_TASK_SHARES})
     if tasks is not None and not any(t.has_features() for t in tasks.values()):
