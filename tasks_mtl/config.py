@@ -82,6 +82,8 @@ class TaskConfig(Strict):
     #                                                  root (as an L2-normalised tf vector: long texts keep weight)
     tfidf: bool = False  # classification: TF-IDF char 1-3-gram scores added to the logits, fitted by logistic
     #                      regression in the features stage (tasks_mtl.tfidf), then tuned with the rest
+    tfidf_nb: bool = True  # with tfidf, two classes: columns scaled by their naive-Bayes log-count ratio before the
+    #                        fit (NBSVM features; reviews: validation 0.850 / test 0.865 against 0.837 / 0.860 plain)
     encoder_loss: bool = True  # with tfidf: the encoder's own logits also get a cross-entropy of their own, so the
     #                            encoder learns a whole classifier, not only the residual a fitted regression leaves
     neighbours: bool = False  # mlm: each masked token is also scored from its neighbours' n-grams (tokens at -2, -1,
@@ -142,7 +144,8 @@ LBFGS_ITERATIONS = 100  # as the peers' CRFs (FINDINGS); other counts not measur
 
 def _default_tasks() -> dict[str, TaskConfig]:
     return {
-        # sentiment: the peer's TF-IDF regression inside the head, the encoder's mean-pooled vector beside it
+        # sentiment: the peer's TF-IDF regression inside the head (on NB-scaled columns), the encoder's mean-pooled
+        # vector beside it
         "sentiment": TaskConfig(type="classification", bundled="sentiment", labels=["negative", "positive"],
                                 pooling="mean", tfidf=True),
         # token tasks: the CRF's own features beside the encoder, and a CRF over the tags (ablation, 600 steps

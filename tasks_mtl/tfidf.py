@@ -7,7 +7,13 @@ unigrams by token id, longer ones by their row in the model's n-gram tables (unk
 
 `fit_tfidf` fits those weights the way the peer is fitted: logistic regression (L2, C = 4, L-BFGS to
 convergence) over the tokenized train split, on exactly the vectors the layer computes (a test checks that
-the layer's scores equal the regression's decision function). The features stage does this before its SGD
+the layer's scores equal the regression's decision function). For a two-class task with `tfidf_nb` (the
+default) each column is first scaled by its naive-Bayes log-count ratio, `r = ln((p / |p|1) / (q / |q|1))`
+with `p`, `q` one plus the number of positive and negative train texts holding the n-gram (the NBSVM features of
+Wang and Manning, 2012, with logistic regression on top); a column's ratio then folds into its fitted weights,
+so the layer itself is unchanged. On the bundled reviews, same split and C: validation
+0.850 and test 0.865, against 0.837 and 0.860 for plain TF-IDF (C from 0.5 to 16 and 1-4-grams were tried;
+C = 4 and 1-3-grams are best on validation). The features stage does this before its SGD
 loop; the joint stage then tunes the weights with everything else, so the encoder's pooled vector adds to a
 head that starts where the peer ends. On the bundled reviews, minibatch training of an n-gram bag stopped at
 test accuracy 0.845, below the peer's 0.860 on the same split.
@@ -95,10 +101,23 @@ def design_matrix(scores: TfidfScores, rows: list[dict]):
                       shape=(len(rows), scores.weight.num_embeddings))
 
 
+def nb_ratio(x, y: np.ndarray) -> np.ndarray:
+    """Naive-Bayes log-count ratio of each column of `x` (texts x columns) for labels `y` in {0, 1}: presence
+    counts with add-one smoothing, normalised over the columns some text holds; 1 for columns no text holds."""
+    present = (x > 0).astype(np.float64).tocsc()
+    seen = np.asarray(present.sum(axis=0)).ravel() > 0
+    p = 1.0 + np.asarray(present[y == 1].sum(axis=0)).ravel()
+    q = 1.0 + np.asarray(present[y == 0].sum(axis=0)).ravel()
+    ratio = np.ones(x.shape[1])
+    ratio[seen] = np.log(p[seen] / p[seen].sum()) - np.log(q[seen] / q[seen].sum())
+    return ratio
+
+
 @torch.no_grad()
-def fit_tfidf(model, features: list[dict], task: str) -> dict[str, float]:
-    """Set the idf from the train rows, fit logistic regression on their TF-IDF vectors and copy its weights
-    into the head's `TfidfScores`."""
+def fit_tfidf(model, features: list[dict], task: str, nb: bool = True) -> dict[str, float]:
+    """Set the idf (and, for two classes with `nb`, the naive-Bayes ratios) from the train rows, fit logistic
+    regression on their scaled TF-IDF vectors and copy its weights into the head's `TfidfScores`."""
+    from scipy.sparse import diags
     from sklearn.linear_model import LogisticRegression
 
     scores: TfidfScores = model.heads[task].tfidf
@@ -109,8 +128,12 @@ def fit_tfidf(model, features: list[dict], task: str) -> dict[str, float]:
     scores.idf.copy_(torch.from_numpy(np.log((1 + len(features)) / (1 + df)) + 1.0).float())
     x = design_matrix(scores, features)
     y = np.array([r["labels"] for r in features])
+    nb = nb and scores.bias.numel() == 2  # the ratio contrasts two classes
+    ratio = nb_ratio(x, y) if nb else np.ones(x.shape[1])
+    x = x @ diags(ratio)
     regression = LogisticRegression(C=C, max_iter=1000).fit(x, y)
-    coef = torch.from_numpy(regression.coef_).float()  # (1, F) for two classes: the score of class 1
+    coef = torch.from_numpy(regression.coef_ * ratio).float()  # (1, F) for two classes: the score of class 1;
+    #                                          the ratio scales a column's value, so it folds into its weight
     intercept = torch.from_numpy(regression.intercept_).float()
     scores.weight.weight.zero_()
     scores.bias.zero_()
@@ -121,7 +144,7 @@ def fit_tfidf(model, features: list[dict], task: str) -> dict[str, float]:
         scores.weight.weight.copy_(coef.T)
         scores.bias.copy_(intercept)
     return {"seconds": round(time.perf_counter() - started, 1), "texts": len(features),
-            "columns": int((df > 0).sum()), "train_accuracy": round(float(regression.score(x, y)), 4)}
+            "columns": int((df > 0).sum()), "nb_ratio": nb, "train_accuracy": round(float(regression.score(x, y)), 4)}
 
 
 def fit_tfidf_heads(cfg, model, tasks: list[str], load_features) -> dict[str, dict[str, float]]:
@@ -129,6 +152,6 @@ def fit_tfidf_heads(cfg, model, tasks: list[str], load_features) -> dict[str, di
     report = {}
     for task in tasks:
         if cfg.tasks[task].tfidf:
-            report[task] = fit_tfidf(model, load_features(cfg, task), task)
+            report[task] = fit_tfidf(model, load_features(cfg, task), task, nb=cfg.tasks[task].tfidf_nb)
             logger.warning("task %s: TF-IDF scores fitted by logistic regression: %s", task, report[task])
     return report

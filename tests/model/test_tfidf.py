@@ -58,16 +58,21 @@ def test_the_vector_is_sublinear_tf_times_smooth_idf_l2_normalised(fitted):
 
 
 def test_the_layer_scores_as_the_fitted_regression(fitted):
+    """The default fit (two classes, `tfidf_nb`) is logistic regression on the TF-IDF vectors scaled by their
+    naive-Bayes ratios; the layer, fed unscaled vectors, gives the same decision function."""
+    from scipy.sparse import diags
     from sklearn.linear_model import LogisticRegression
 
-    from tasks_mtl.tfidf import C, design_matrix
+    from tasks_mtl.tfidf import C, design_matrix, nb_ratio
     from tasks_mtl.train import load_features
 
     cfg, _, model = fitted
+    assert cfg.tasks["sentiment"].tfidf_nb
     scores = model.heads["sentiment"].tfidf
     rows = load_features(cfg, "sentiment")
     x = design_matrix(scores, rows)
     y = np.array([r["labels"] for r in rows])
+    x = x @ diags(nb_ratio(x, y))
     regression = LogisticRegression(C=C, max_iter=1000).fit(x, y)
     ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["input_ids"]) for r in rows], batch_first=True)
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r["input_ids"]), dtype=torch.long) for r in rows],
@@ -77,6 +82,43 @@ def test_the_layer_scores_as_the_fitted_regression(fitted):
     margin = (out[:, 1] - out[:, 0]).numpy()
     assert np.abs(regression.decision_function(x)).max() > 0.5  # the fit says something
     np.testing.assert_allclose(margin, regression.decision_function(x), rtol=1e-4, atol=1e-4)
+
+
+def test_nb_ratio_is_the_smoothed_log_ratio_of_presence_rates():
+    """Column 0 is in both positive texts, column 1 in the one negative text, column 2 in one of each, column 3 in
+    none: with add-one counts p = (3, 1, 2) and q = (1, 2, 2) over the seen columns, r = ln(p/6) - ln(q/5)."""
+    from scipy.sparse import csr_matrix
+
+    from tasks_mtl.tfidf import nb_ratio
+
+    x = csr_matrix(np.array([[0.5, 0.0, 0.3, 0.0], [0.2, 0.0, 0.0, 0.0], [0.0, 0.9, 0.4, 0.0]]))
+    y = np.array([1, 1, 0])
+    expected = [math.log(3 / 6) - math.log(1 / 5), math.log(1 / 6) - math.log(2 / 5),
+                math.log(2 / 6) - math.log(2 / 5), 1.0]
+    np.testing.assert_allclose(nb_ratio(x, y), expected)
+
+
+def test_without_nb_the_fit_is_the_plain_regression(fitted):
+    from sklearn.linear_model import LogisticRegression
+
+    from tasks_mtl.tfidf import C, design_matrix, fit_tfidf
+    from tasks_mtl.train import load_features
+
+    cfg, _, model = fitted
+    scores = model.heads["sentiment"].tfidf
+    rows = load_features(cfg, "sentiment")
+    saved = {k: v.clone() for k, v in scores.state_dict().items()}
+    try:
+        report = fit_tfidf(model, rows, "sentiment", nb=False)
+        assert report["nb_ratio"] is False
+        x = design_matrix(scores, rows)
+        regression = LogisticRegression(C=C, max_iter=1000).fit(x, np.array([r["labels"] for r in rows]))
+        np.testing.assert_allclose(scores.weight.weight[:, 1].detach().numpy(), regression.coef_[0], rtol=1e-4, atol=1e-5)
+        nb = fit_tfidf(model, rows, "sentiment", nb=True)
+        assert nb["nb_ratio"] is True
+        assert not np.allclose(scores.weight.weight[:, 1].detach().numpy(), regression.coef_[0], atol=1e-3)
+    finally:
+        scores.load_state_dict(saved)
 
 
 def test_the_stage_fits_sentiment_and_steps_the_rest(fitted):
