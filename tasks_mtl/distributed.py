@@ -200,10 +200,10 @@ class Ranks:
         """sha256 of every rank's weights (state_dict), in rank order: equal when the ranks stayed in step."""
         return self.gather(state_digest(module))
 
-    def decorrelate(self, seed: int, step: int) -> None:
+    def decorrelate(self, seed: int) -> None:
         """Give ranks above 0 a dropout RNG stream of their own (rank 0 keeps the single-process one)."""
         if self.rank > 0:
-            torch.manual_seed(hash((seed, step, self.rank)) % (2**63))
+            torch.manual_seed(hash((seed, self.rank)) % (2**63))
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -27,31 +27,37 @@ logger = logging.getLogger(__name__)
 
 
 def training_state(step: int, key: str, optimizers, schedulers, sampler, weighting, data: dict,
-                   nonfinite: int, rank_batches: list[dict] | None = None) -> dict[str, Any]:
+                   nonfinite: int, rank_states: list[dict] | None = None) -> dict[str, Any]:
     """Everything besides the weights that a resumed stage needs to continue exactly. Under several processes
-    (rank 0 saves) `rank_batches` holds every rank's batch orders, each over its own shard."""
+    (rank 0 saves) `rank_states` holds each rank's own part (`rank_part`): its batch orders, over its own shard,
+    and its torch RNG (each rank draws its own dropout)."""
     state = {
         "step": step, "key": key, "nonfinite": nonfinite,
         "optimizer": [o.state_dict() for o in optimizers], "scheduler": [s.state_dict() for s in schedulers],
         "sampler": sampler.state_dict(), "weighting": weighting.state_dict(),
         "batches": {t: d.order.state_dict() for t, d in data.items()}, "rng": torch.get_rng_state(),
     }
-    return state | {"rank_batches": rank_batches} if rank_batches is not None else state
+    return state | {"rank_states": rank_states} if rank_states is not None else state
+
+
+def rank_part(data: dict) -> dict[str, Any]:
+    """What differs between the processes of a stage: this rank's batch orders and torch RNG state."""
+    return {"batches": {t: d.order.state_dict() for t, d in data.items()}, "rng": torch.get_rng_state()}
 
 
 def restore(state: dict[str, Any], optimizers, schedulers, sampler, weighting, data: dict, rank: int = 0) -> None:
     """Put a saved training state back (call it last before the loop: it sets the torch RNG); `rank` picks this
-    process's batch orders from a save made by several."""
+    process's batch orders and RNG from a save made by several."""
     for optimizer, saved in zip(optimizers, state["optimizer"]):
         optimizer.load_state_dict(saved)
     for scheduler, saved in zip(schedulers, state["scheduler"]):
         scheduler.load_state_dict(saved)
     sampler.load_state_dict(state["sampler"])
     weighting.load_state_dict(state["weighting"])
-    batches = state["rank_batches"][rank] if len(state.get("rank_batches") or []) > rank else state["batches"]
-    for stream, order in batches.items():
+    own = state["rank_states"][rank] if len(state.get("rank_states") or []) > rank else state
+    for stream, order in own["batches"].items():
         data[stream].order.load_state_dict(order)
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(own["rng"])
 
 
 def find_resume(resume_dir: Path, key: str) -> tuple[Path, dict[str, Any]] | None:

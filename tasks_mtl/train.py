@@ -37,7 +37,7 @@ from tasks_mtl.nonfinite import NonFiniteSteps
 from tasks_mtl.optim import (NGRAM_MODULES, learning_rates, linear_schedule, make_optimizers,  # noqa: F401
                              param_groups)
 from tasks_mtl.progress import ProgressFn
-from tasks_mtl.resume import discard_resume, find_resume, restore, training_state, trim_log
+from tasks_mtl.resume import discard_resume, find_resume, rank_part, restore, training_state, trim_log
 from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
 from tasks_mtl.sampling import AllTasks, build_sampler
 from tasks_mtl.streams import (StreamData, co_labelled_collator, co_labelled_groups, load_features,  # noqa: F401
@@ -198,7 +198,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         step, nonfinite.count = resume[1]["step"], resume[1]["nonfinite"]
         restore(resume[1], optimizers, schedulers, sampler, weighting, data, ranks.rank)
         logger.warning("stage %r resumes at step %d of %d from %s", stage.name, step, total, resume[0])
-    ranks.decorrelate(cfg.seed + index, step)  # dropout: a stream per rank (rank 0's is the one-process one)
+    else:  # dropout: a stream per rank (rank 0's is the one-process one); a resumed rank restored its own
+        ranks.decorrelate(cfg.seed + index)
 
     # -- the loop --------------------------------------------------------------------------------------
     log_file = stage_log(cfg, index)
@@ -270,10 +271,10 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
         if deadline is not None and ranks.any(time.time() >= deadline, device) and step < total:
             stop_after = step
         if cfg.training.save_every and step % cfg.training.save_every == 0 and step < total or step == stop_after:
-            orders = ranks.gather({t: d.order.state_dict() for t, d in data.items()})  # each rank's own shard
+            parts = ranks.gather(rank_part(data))  # each rank's batch orders (own shard) and dropout RNG
             if ranks.is_main:
                 state = training_state(step, key, optimizers, schedulers, sampler, weighting, data, nonfinite.count,
-                                       orders if ranks.world > 1 else None)
+                                       parts if ranks.world > 1 else None)
                 save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length, state=state)
             ranks.barrier()
             if step == stop_after:

@@ -25,20 +25,37 @@ DDP_STAGE = {"name": "joint", "steps": 30, "encoder_lr": 2e-3, "head_lr": 5e-3, 
              "sampler": "all"}
 
 
-@pytest.mark.slow
-def test_two_torchrun_processes_learn_in_step_and_only_rank_0_writes(tmp_path):
+def ddp_project(root: Path):
     from tiny_project import make_tiny_project
 
-    cfg = make_tiny_project(tmp_path, {"training": {"stages": [DDP_STAGE], "log_every": 5, "save_every": 10,
-                                                    "bf16": False}})
+    cfg = make_tiny_project(root, {"training": {"stages": [DDP_STAGE], "log_every": 5, "save_every": 10,
+                                                "bf16": False}})
     tokenize(cfg)
-    writes = tmp_path / "writes.jsonl"
-    env = dict(os.environ, MTL_TEST_WRITES=str(writes), OMP_NUM_THREADS="1",
+    return cfg
+
+
+def torchrun(cfg, writes: Path, **env_extra: str) -> subprocess.CompletedProcess:
+    """`mtl train` under torchrun with two CPU processes (gloo), writes recorded in `writes`."""
+    env = dict(os.environ, MTL_TEST_WRITES=str(writes), OMP_NUM_THREADS="1", **env_extra,
                PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-         "--params", str(tmp_path / "params.yaml")],
+         "--params", str(cfg.root / "params.yaml")],
         env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted two-process stage: (config, record of writes, torchrun's result)."""
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = ddp_project(root)
+    writes = root / "writes.jsonl"
+    return cfg, writes, torchrun(cfg, writes)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_learn_in_step_and_only_rank_0_writes(uninterrupted):
+    cfg, writes, result = uninterrupted
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # the weights are the same on both ranks: each rank's digest, gathered into done.json by rank 0 ...
@@ -68,6 +85,31 @@ def test_two_torchrun_processes_learn_in_step_and_only_rank_0_writes(tmp_path):
         return sum(values) / len(values)
 
     assert mean_loss(30) < 0.85 * mean_loss(5)
+
+
+@pytest.mark.slow
+def test_rank_0_killed_mid_stage_then_a_rerun_resumes_and_matches_the_uninterrupted_run(uninterrupted, tmp_path):
+    """SIGKILL of rank 0 right after its step-20 resume save takes the whole torchrun down; the same command
+    again resumes both ranks from that save (each rank its own shard's batch order) and ends on the weights of
+    the uninterrupted run, bit for bit."""
+    reference = json.loads((stage_dir(uninterrupted[0], 0) / "done.json").read_text())["rank_digests"][0]
+    cfg = ddp_project(tmp_path)
+    writes = tmp_path / "writes.jsonl"
+    killed = torchrun(cfg, writes, MTL_TEST_KILL_AFTER_SAVES="2")
+    assert killed.returncode != 0
+    out = stage_dir(cfg, 0)
+    assert not (out / "done.json").exists() and out.with_name(out.name + ".resume").exists()
+    assert [json.loads(line)["call"] for line in writes.read_text().splitlines()].count("save_checkpoint") == 2
+
+    writes.unlink()
+    rerun = torchrun(cfg, writes)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resumes at step 20 of 30" in rerun.stderr
+    saves = [Path(c["path"]).name for c in map(json.loads, writes.read_text().splitlines())
+             if c["call"] == "save_checkpoint"]
+    assert saves == ["1-joint"]  # ten steps left: no resume save at step 30, then the stage's checkpoint
+    done = json.loads((out / "done.json").read_text())
+    assert done["rank_digests"] == [reference, reference]
 
 
 def test_mtl_train_nproc_launches_torchrun_with_the_resolved_config(tiny_cfg, monkeypatch):
