@@ -255,6 +255,13 @@ DEFAULT_TASK_SHARES = {"ner": 0.3, "cws": 0.15, "pos": 0.15, "sentiment": 0.3, "
 FEATURE_TASK_SHARES = {"cws": 0.35, "pos": 0.35, "nsp": 0.1, "mlm": 0.2}
 
 
+# Weightings whose update survives fp16's loss scale S: their task weights read loss values (left unscaled) or
+# nothing, and the shared update they build from per-task gradients scales with S (so dividing by S undoes it).
+# uncertainty, famo and gradnorm train parameters of their own on the gradients; nash_mtl's update does not
+# scale with S.
+FP16_WEIGHTINGS = ("equal", "static", "rlw", "dwa", "pcgrad", "cagrad", "imtl_g")
+
+
 class TrainingConfig(Strict):
     batch_size: int = 32  # sequences per task batch (when batch_tokens is None)
     batch_tokens: int | None = 2048  # token budget per batch, cut from length-sorted buckets (padding counted)
@@ -265,6 +272,8 @@ class TrainingConfig(Strict):
     max_nonfinite_steps: int = Field(10, ge=0)  # steps with a NaN/inf loss a stage skips before it stops
     weight_decay: float = 0.01
     bf16: bool | None = None  # autocast to bfloat16; None: on where the device runs it fast (avx512_bf16/AMX CPU, GPU)
+    fp16: bool = False  # autocast to float16 with dynamic loss scaling (torch.amp.GradScaler), for GPUs without bf16
+    #                     (V100, T4); excludes bf16 and the weightings outside FP16_WEIGHTINGS
     device: str = "auto"  # auto: cuda when present, else cpu
     threads: int | None = None  # torch intra-op threads; None = torch's default
     nproc: int = Field(1, ge=1)  # training processes on this machine (torchrun, tasks_mtl/distributed.py); the
@@ -274,6 +283,12 @@ class TrainingConfig(Strict):
     conflict_every: int = Field(0, ge=0)  # steps between task-gradient cosine samples (tasks_mtl/conflict.py); 0 = off
     output_dir: Path = Path("checkpoints")
     stages: list[StageConfig] | None = None  # None: scratch_stages() or pretrained_stages(), by the encoder
+
+    @model_validator(mode="after")
+    def _precision(self) -> TrainingConfig:
+        if self.fp16 and self.bf16:
+            raise ValueError("training.fp16 and training.bf16 are both on: pick one precision")
+        return self
 
 
 class GatesConfig(Strict):
@@ -342,6 +357,9 @@ class Config(Strict):
             if stage.weighting not in WEIGHTING_NAMES:
                 raise ValueError(f"stage {stage.name!r}: unknown weighting {stage.weighting!r}; "
                                  f"choose one of {', '.join(sorted(WEIGHTING_NAMES))}")
+            if self.training.fp16 and stage.weighting not in FP16_WEIGHTINGS:
+                raise ValueError(f"stage {stage.name!r}: weighting {stage.weighting!r} does not work under "
+                                 f"training.fp16's loss scaling; use bf16 or fp32, or one of {', '.join(FP16_WEIGHTINGS)}")
             if stage.sampler not in SAMPLERS:
                 raise ValueError(f"stage {stage.name!r}: unknown sampler {stage.sampler!r}; "
                                  f"choose one of {', '.join(sorted(SAMPLERS))}")

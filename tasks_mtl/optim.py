@@ -1,6 +1,6 @@
 """The optimizers of a stage: parameter groups by encoder depth (layer-wise LR decay), heads and n-gram
-tables at their own rates, AdamW for the dense groups and SparseAdam for the n-gram tables, and the linear
-warm-up and decay schedule."""
+tables at their own rates, AdamW for the dense groups and SparseAdam for the n-gram tables, the linear
+warm-up and decay schedule, and fp16's loss scaling."""
 
 from __future__ import annotations
 
@@ -71,3 +71,52 @@ def linear_schedule(total: int, warmup: float) -> Callable[[int], float]:
         return max(0.0, (total - step) / max(1, total - warm))
 
     return factor
+
+
+class LossScale:
+    """fp16's dynamic loss scaling (torch.amp.GradScaler), or nothing. `scaled(loss)` keeps the loss's value (the
+    weighting reads true losses) and multiplies every gradient that flows back through it by the scale S;
+    `unscale` divides the optimizers' gradients by S and says whether they are finite; `step` steps them
+    unless they are not, and updates S (halved after an overflow, which fp16 expects now and then: not a
+    non-finite step to count; doubled after 2,000 clean steps)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.scaler = torch.amp.GradScaler(device.type) if enabled else None
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.scaler is None:
+            return loss
+        factor = self.scaler.scale(torch.ones((), device=loss.device)) - 1.0  # S - 1 (and the scaler's first S)
+        return loss + factor.to(loss.dtype) * (loss - loss.detach())  # value: loss; gradient: S times the loss's
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaler is not None
+
+    def unscale(self, optimizers: list[torch.optim.Optimizer]) -> bool:
+        if self.scaler is None:
+            return True
+        for optimizer in optimizers:
+            self.scaler.unscale_(optimizer)
+        grads = [p.grad for o in optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]
+        return all(bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()) for g in grads)
+
+    @property
+    def scale(self) -> float:
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if self.scaler is None:
+            for optimizer in optimizers:
+                optimizer.step()
+            return
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

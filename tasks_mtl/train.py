@@ -34,8 +34,8 @@ from tasks_mtl.fingerprint import fingerprint
 from tasks_mtl.model import MultiTaskModel, new_model
 from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.nonfinite import NonFiniteSteps
-from tasks_mtl.optim import (NGRAM_MODULES, learning_rates, linear_schedule, make_optimizers,  # noqa: F401
-                             param_groups)
+from tasks_mtl.optim import (NGRAM_MODULES, LossScale, learning_rates, linear_schedule,  # noqa: F401
+                             make_optimizers, param_groups)
 from tasks_mtl.progress import ProgressFn
 from tasks_mtl.resume import discard_resume, find_resume, rank_part, restore, training_state, trim_log
 from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
@@ -190,13 +190,16 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     sparse_ids = {id(p) for p in sparse_parameters(model)}
     clipped = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
     synced = [p for p in model.parameters() if p.requires_grad] + weighting_params  # averaged over the ranks
-    bf16 = use_bf16(cfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    bf16 = use_bf16(cfg, device) and not cfg.training.fp16
+    half = torch.float16 if cfg.training.fp16 else torch.bfloat16 if bf16 else None
+    autocast = torch.autocast(device.type, dtype=half) if half is not None else nullcontext()
+    loss_scale = LossScale(cfg.training.fp16, device)
 
-    step, nonfinite = 0, NonFiniteSteps(stage.name, cfg.training.max_nonfinite_steps)
+    step, nonfinite, overflows = 0, NonFiniteSteps(stage.name, cfg.training.max_nonfinite_steps), 0
     if resume is not None:
         step, nonfinite.count = resume[1]["step"], resume[1]["nonfinite"]
         restore(resume[1], optimizers, schedulers, sampler, weighting, data, ranks.rank)
+        loss_scale.load_state_dict(resume[1].get("loss_scale", {}))
         logger.warning("stage %r resumes at step %d of %d from %s", stage.name, step, total, resume[0])
     else:  # dropout: a stream per rank (rank 0's is the one-process one); a resumed rank restored its own
         ranks.decorrelate(cfg.seed + index)
@@ -222,7 +225,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
                 with autocast:
                     outputs = model.forward_tasks(data[stream].tasks, batch, stage.features_only)
                 for task, (loss, _) in outputs.items():
-                    losses[task] = loss / cfg.training.grad_accum
+                    losses[task] = loss_scale.scaled(loss / cfg.training.grad_accum)
                     value = loss.item()
                     if math.isfinite(value):
                         window.setdefault(task, []).append(value)
@@ -232,16 +235,21 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             if bad is None:
                 for task, w in weighting.backward(losses, shared, private).items():
                     weight_window.setdefault(task, []).append(w)
+        overflow = False  # fp16: the scaled gradients overflowed; the scaler skips the step and lowers its scale
         if bad is None:
             ranks.average_gradients(synced, sparse_ids)
-        if bad is None and cfg.training.clip_norm > 0:  # dense model parameters: not the weighting's or sparse tables
-            norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)
+            overflow = not loss_scale.unscale(optimizers)
+        if bad is None and not overflow and cfg.training.clip_norm > 0:  # dense model parameters: not the
+            norm = torch.nn.utils.clip_grad_norm_(clipped, cfg.training.clip_norm)  # weighting's or sparse tables
             if not torch.isfinite(norm):
                 bad = f"the gradient norm is {float(norm)} (tasks {', '.join(sorted(losses))})"
         if bad is None:
-            for optimizer in optimizers:
-                optimizer.step()
-            weighting.after_step()
+            loss_scale.step(optimizers)
+            if overflow:
+                overflows += 1
+                weighting.load_state_dict(weighting_before)
+            else:
+                weighting.after_step()
         else:  # nothing moves; past the limit the stage stops here
             nonfinite.skip(step + 1, bad)
             weighting.load_state_dict(weighting_before)
@@ -257,6 +265,8 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             metrics |= learning_rates(optimizers[0])
             metrics |= {"tokens_per_s": ranks.sums([tokens], device)[0] / (time.perf_counter() - started),
                         "bf16": float(bf16)}
+            if loss_scale.enabled:
+                metrics |= {"fp16_loss_scale": loss_scale.scale, "fp16_overflow_steps": float(overflows)}
             if nonfinite.count:
                 metrics["nonfinite_steps"] = float(nonfinite.count)
             if ranks.is_main:
@@ -275,6 +285,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             if ranks.is_main:
                 state = training_state(step, key, optimizers, schedulers, sampler, weighting, data, nonfinite.count,
                                        parts if ranks.world > 1 else None)
+                state["loss_scale"] = loss_scale.state_dict()
                 save_checkpoint(model, tokenizer, resume_dir, cfg.encoder.max_length, state=state)
             ranks.barrier()
             if step == stop_after:
