@@ -5,6 +5,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,3 +77,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, what: str, timeout: float = 180,
+                 log: Callable[[], str] = lambda: "") -> None:
+    """Poll `url` until it answers 200; fail with `what` and the server's `log()` tail if the process exits or
+    `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(url, timeout=5).status == 200:
+                return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not start:\n{log()[-4000:]}")
+        time.sleep(0.3)

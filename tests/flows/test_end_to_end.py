@@ -5,12 +5,21 @@ import json
 import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from e2e_helpers import BIN, REPO, env_for, free_port, ingest_shrunk, make_root, relaxed_gates, run
+from e2e_helpers import (
+    BIN,
+    REPO,
+    env_for,
+    free_port,
+    ingest_shrunk,
+    make_root,
+    relaxed_gates,
+    run,
+    wait_healthy,
+)
 
 from tasks_mtl import registry
 from tasks_mtl.config import load_config
@@ -69,15 +78,7 @@ def test_deployment_on_a_process_worker_registers_a_version(quick_root, monkeypa
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{api}/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "prefect server did not start"
-            time.sleep(1)
+        wait_healthy(f"{api}/health", server, "prefect server")
         run([str(BIN / "python"), "-m", "flows.deploy", "--root", str(REPO), "--params", str(root / "params.yaml"),
              "--profile", "quick", "--name", "weekly-test"], REPO, env)
         deployments = run([str(BIN / "prefect"), "deployment", "ls"], root, env).stdout

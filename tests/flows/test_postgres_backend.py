@@ -13,13 +13,12 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from e2e_helpers import BIN, env_for, free_port, make_root, run
+from e2e_helpers import BIN, env_for, free_port, make_root, run, wait_healthy
 
 from tasks_mtl import registry, tracking
 from tasks_mtl.config import Config, load_config
@@ -115,16 +114,8 @@ def mlflow_server(postgres, tmp_path_factory) -> Iterator[tuple[str, Path]]:
              "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             cwd=served.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180  # it creates its tables in PostgreSQL first
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"mlflow server did not start:\n{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(1)
+        wait_healthy(f"{url}/health", server, "mlflow server",  # it creates its tables in PostgreSQL first
+                     log=lambda: log.read_text(errors="replace"))
         yield url, served
     finally:
         _end_group(server)

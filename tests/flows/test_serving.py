@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import httpx
 import pytest
-from e2e_helpers import BIN, env_for, free_port
+from e2e_helpers import BIN, env_for, free_port, wait_healthy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,17 +38,7 @@ def server(checkpoint):
     proc = subprocess.Popen([str(BIN / "mtl"), "serve", "--model", str(checkpoint), "--port", str(port)],
                             cwd=root, env=env_for(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mtl serve did not come up:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.3)
+    wait_healthy(f"{base}/health", proc, "mtl serve", timeout=120, log=lambda: (proc.kill(), proc.stdout.read())[1])
     client = httpx.Client(base_url=base, timeout=30)
     yield client
     client.close()
