@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -416,6 +418,75 @@ def test_cagrad_dual_solver_finds_the_simplex_minimum(scales) -> None:
     assert torch.isfinite(cagrad_weights(torch.zeros(3, 4), 0.4)).all()  # vanishing gradients do not blow up
 
 
+def dual_value(gram: Tensor, c: float, w: Tensor) -> float:
+    """CAGrad's dual objective w . M1/T + c ||g0|| ||g_w|| on the Gram matrix M, without smoothing."""
+    return float(w @ gram.mean(1) + c * gram.mean().clamp_min(0).sqrt() * (w @ gram @ w).clamp_min(0).sqrt())
+
+
+@pytest.mark.parametrize("returned", ["nan", "inf", "zeros", "worse", "unnormalised", "out_of_bounds"])
+def test_cagrad_dual_solver_output_is_guarded(returned: str, monkeypatch) -> None:
+    """Whatever SLSQP hands back, the weights are on the simplex and no worse than the uniform start."""
+    import scipy.optimize
+
+    g = random_conflicting()
+    gram = g @ g.T
+    c = 0.4
+    uniform = torch.full((3,), 1 / 3, dtype=gram.dtype)
+    best = solve_simplex_dual(gram, c)  # the real solver's answer, (0.61, 0, 0.39) here
+    assert float(best[1]) < 1e-9 and dual_value(gram, c, best) < dual_value(gram, c, uniform)
+    worse = np.array([0.3, 0.4, 0.3])  # feasible, but a little worse than the start
+    start_value = dual_value(gram, c, uniform)
+    assert start_value < dual_value(gram, c, torch.as_tensor(worse)) < 2 * start_value
+    real_minimize = scipy.optimize.minimize
+
+    def solver(*args, **kwargs) -> SimpleNamespace:
+        x = real_minimize(*args, **kwargs).x
+        return SimpleNamespace(x={
+            "nan": np.full(3, np.nan), "inf": np.array([np.inf, 0.0, 0.0]), "zeros": np.zeros(3),
+            "worse": worse,
+            "unnormalised": 0.9 * x,  # the equality constraint only met approximately
+            "out_of_bounds": x - np.array([0.0, 1e-3, 0.0]),  # a bound overshot by a little
+        }[returned])
+
+    monkeypatch.setattr(scipy.optimize, "minimize", solver)
+    w = solve_simplex_dual(gram, c)
+    assert bool((w >= 0).all()) and abs(float(w.sum()) - 1) < 1e-12
+    assert dual_value(gram, c, w) <= dual_value(gram, c, uniform)
+    if returned in ("unnormalised", "out_of_bounds"):  # repaired onto the simplex: the solver's optimum
+        torch.testing.assert_close(w, best)
+    else:  # unusable or worse than where it began: the uniform start
+        torch.testing.assert_close(w, uniform)
+
+
+def test_cagrad_dual_solver_converges_on_an_ill_conditioned_twelve_task_problem() -> None:
+    """12 tasks with norms 0.017 to 33,000: SLSQP needs 110 iterations here (scipy's default limit is 100)."""
+    from scipy.optimize import minimize
+
+    gen = torch.Generator().manual_seed(538)
+    g = torch.randn(12, 20, generator=gen, dtype=torch.float64)
+    g = g * torch.exp(3 * torch.randn(12, 1, generator=gen, dtype=torch.float64))  # [T, P]
+    gram = g @ g.T
+    gram = gram / gram.diagonal().mean()  # the objective's scale: the tolerance below is relative to it
+    c = 0.4
+    w = solve_simplex_dual(gram, c)
+    # reference: the same dual, from the centre and from every vertex, with far tighter limits
+    m = gram.numpy()
+    radius = c * math.sqrt(float(m.mean()))
+    f = lambda v: float(v @ m.mean(1) + radius * math.sqrt(max(float(v @ m @ v), 0.0)))
+    jac = lambda v: m.mean(1) + radius * (m @ v) / math.sqrt(max(float(v @ m @ v), 1e-300))
+    starts = [np.full(12, 1 / 12), *np.eye(12)]
+    reference = min(
+        f(minimize(f, x0, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * 12,
+                   constraints=({"type": "eq", "fun": lambda v: v.sum() - 1.0},),
+                   options={"ftol": 1e-15, "maxiter": 5000}).x)
+        for x0 in starts
+    )
+    # 1e-8 of the mean squared task-gradient norm: the solver ends ~2e-9 above the reference here, since its
+    # 1e-12 smoothing of ||g_w||^2 is not small beside this optimum's ||g_w||^2 (~5e-12); stopping at 100
+    # iterations leaves it ~9e-8 above
+    assert dual_value(gram, c, w) <= reference + 1e-8
+
+
 def test_nash_weights_solve_the_bargaining_conditions() -> None:
     g = random_conflicting()
     theta, losses = linear_losses(g)
@@ -508,3 +579,37 @@ def test_gradnorm_probing_the_last_shared_params_still_updates_every_shared_para
     weighting.backward(losses, shared, private)
     torch.testing.assert_close(model.trunk.weight.grad, sum(singles))  # weights are 1 at the start
     torch.testing.assert_close(weighting.loss_weights.grad, expected_w)  # target = the mean norm at step 0
+
+
+def test_task_gradients_match_one_loss_at_a_time() -> None:
+    """Row i is loss i's gradient alone, flattened param by param in order; a param it misses gives zeros."""
+    gen = torch.Generator().manual_seed(0)
+    matrix = nn.Parameter(torch.randn(3, 2, generator=gen, dtype=torch.float64))
+    vector = nn.Parameter(torch.randn(2, generator=gen, dtype=torch.float64))
+    scalar = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))  # 0-d
+    unused = nn.Parameter(torch.randn(2, 2, generator=gen, dtype=torch.float64))  # reached by no loss
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    params = [matrix, vector, scalar, unused]
+    spans = {"matrix": slice(0, 6), "vector": slice(6, 8), "scalar": slice(8, 9), "unused": slice(9, 13)}
+
+    def build() -> list[Tensor]:
+        h = torch.tanh(x @ matrix + vector)  # [4, 2], shared by the first two losses
+        return [(h**2).sum(), scalar * h.sum() + scalar**2, torch.sin(scalar)]  # the last: `scalar` only
+
+    losses = build()
+    rows = task_gradients(losses, params)  # [3, 13]
+    assert rows.shape == (3, 13)
+    reached = [{"matrix", "vector"}, {"matrix", "vector", "scalar"}, {"scalar"}]
+    for i in range(3):
+        for name, p in zip(spans, params):
+            (single,) = torch.autograd.grad(build()[i], p, allow_unused=True)  # a fresh graph, one loss
+            assert (single is not None) == (name in reached[i])
+            if single is None:
+                assert torch.equal(rows[i, spans[name]], torch.zeros(p.numel(), dtype=rows.dtype))
+            else:
+                assert single.abs().sum() > 0
+                torch.testing.assert_close(rows[i, spans[name]], single.reshape(-1))
+    # the losses' graphs survive, for the heads' backward that follows in GradientWeighting.backward
+    torch.autograd.backward(sum(losses), inputs=[matrix, vector, scalar])
+    torch.testing.assert_close(torch.cat([matrix.grad.reshape(-1), vector.grad, scalar.grad.reshape(1)]),
+                               rows[:, :9].sum(0))
