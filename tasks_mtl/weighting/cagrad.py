@@ -34,15 +34,15 @@ def solve_simplex_dual(gram: Tensor, c: float) -> Tensor:
     radius = c * np.sqrt(max(float(m.mean()), 0.0))  # c ||g0||
 
     def objective(w: np.ndarray) -> float:
-        return float(w @ mean_row + radius * np.sqrt(max(float(w @ m @ w), 0.0) + 1e-12))
+        return float(w @ mean_row + radius * np.sqrt(max(float(w @ m @ w), 0.0) + 1e-30))
 
     def gradient(w: np.ndarray) -> np.ndarray:
-        return mean_row + radius * (m @ w) / np.sqrt(max(float(w @ m @ w), 0.0) + 1e-12)
+        return mean_row + radius * (m @ w) / np.sqrt(max(float(w @ m @ w), 0.0) + 1e-30)
 
     start = np.full(t, 1.0 / t)
     found = minimize(objective, start, jac=gradient, method="SLSQP", bounds=[(0.0, 1.0)] * t,
                      constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(t)},),
-                     options={"ftol": 1e-12, "maxiter": 200})
+                     options={"ftol": 1e-15, "maxiter": 1000})
     w = np.clip(found.x, 0.0, None) if np.all(np.isfinite(found.x)) else start
     w = w / w.sum() if w.sum() > 0 else start
     if objective(w) > objective(start):  # never worse than where the solver began
