@@ -120,9 +120,13 @@ def owner(key: str) -> str:
     return f"task {parts[1]!r}" if parts[0] in ("heads", "private") and len(parts) > 1 else f"module {parts[0]!r}"
 
 
+DEFAULTED_BUFFERS = ("own_weight",)  # buffers newer than some checkpoints: one missing keeps the module's default
+
+
 def head_mismatches(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], fresh: set[str]) -> list[str]:
     """What keeps saved head weights from loading into `own` exactly. Parameters of a `fresh` task (one the
-    checkpoint lacks) may be missing; saved parameters nothing in the model owns (a dropped task) are ignored."""
+    checkpoint lacks) may be missing, and so may `DEFAULTED_BUFFERS`; saved parameters nothing in the model owns
+    (a dropped task) are ignored."""
     owners = {owner(k) for k in own}
     problems = []
     for key in sorted(own.keys() & saved.keys()):
@@ -131,7 +135,7 @@ def head_mismatches(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]
                             f"{tuple(own[key].shape)} in the model (its labels or settings changed)")
     fresh_owners = {f"task {t!r}" for t in fresh}
     for key in sorted(own.keys() - saved.keys()):
-        if owner(key) not in fresh_owners:
+        if owner(key) not in fresh_owners and key.rsplit(".", 1)[-1] not in DEFAULTED_BUFFERS:
             problems.append(f"{owner(key)}: {key} is not in the checkpoint")
     for key in sorted(saved.keys() - own.keys()):
         if owner(key) in owners:

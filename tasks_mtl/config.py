@@ -84,6 +84,8 @@ class TaskConfig(Strict):
     #                      regression in the features stage (tasks_mtl.tfidf), then tuned with the rest
     tfidf_nb: bool = True  # with tfidf, two classes: columns scaled by their naive-Bayes log-count ratio before the
     #                        fit (NBSVM features; reviews: validation 0.850 / test 0.865 against 0.837 / 0.860 plain)
+    tfidf_select: bool = True  # with tfidf: when the last stage ends, the weight of the head's own logits beside
+    #                            the TF-IDF scores (0, 0.25, ..., 1) is chosen by validation accuracy
     encoder_loss: bool = True  # with tfidf: the encoder's own logits also get a cross-entropy of their own, so the
     #                            encoder learns a whole classifier, not only the residual a fitted regression leaves
     neighbours: bool = False  # mlm: each masked token is also scored from its neighbours' n-grams (tokens at -2, -1,

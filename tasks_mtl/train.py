@@ -42,7 +42,7 @@ from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
 from tasks_mtl.sampling import AllTasks, build_sampler
 from tasks_mtl.streams import (StreamData, co_labelled_collator, co_labelled_groups, load_features,  # noqa: F401
                                merge_features, stage_batch_tokens, stream_data)
-from tasks_mtl.tfidf import fit_tfidf_heads
+from tasks_mtl.tfidf import choose_own_weights, fit_tfidf_heads
 from tasks_mtl.weighting import build_weighting
 
 logger = logging.getLogger(__name__)
@@ -299,7 +299,8 @@ def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done
                  ranks: Ranks | None = None) -> Path:
     """Save the stage's checkpoint, mark it done (`done`: its key and figures) and drop its resume saves. Under
     several processes rank 0 does it, after recording every rank's weight digest in `done` (`rank_digests`:
-    all equal unless the ranks drifted apart, which stops the stage), while the others wait."""
+    all equal unless the ranks drifted apart, which stops the stage), while the others wait. After the last stage
+    it first sets the TF-IDF heads' mix on validation (tasks_mtl.tfidf.choose_own_weights; figures in `done`)."""
     ranks = ranks or Ranks()
     out = stage_dir(cfg, index)
     if ranks.world > 1:
@@ -308,6 +309,8 @@ def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done
             raise RuntimeError(f"stage {index}: the weights differ between the {ranks.world} processes after training")
         done = done | {"processes": ranks.world, "rank_digests": digests}
     if ranks.is_main:
+        if index == len(cfg.training.stages) - 1:  # the model that ships: its TF-IDF heads' mix, on validation
+            done = done | {"own_weight": choose_own_weights(cfg, model, tokenizer)}
         save_checkpoint(model, tokenizer, out, cfg.encoder.max_length)
         (out / "done.json").write_text(json.dumps(done))
         discard_resume(out.with_name(out.name + ".resume"))

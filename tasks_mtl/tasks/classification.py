@@ -24,7 +24,8 @@ class ClassificationHead(nn.Module):
     compares the two texts directly. An n-gram bag adds its vector of the text (or, under `pair`, the
     product and difference of the two segments' bags) before the classifier; under `pair`, `overlap_vocab`
     adds the two texts' char n-gram overlap (`tasks_mtl.ngrams.pair_overlap`). `tfidf` adds the text's TF-IDF
-    class scores to the logits (`tasks_mtl.tfidf`)."""
+    class scores to the logits (`tasks_mtl.tfidf`), the head's own logits weighted by `own_weight` (1 while it
+    trains; the last stage may choose a lower one on validation: `tasks_mtl.tfidf.choose_own_weight`)."""
 
     def __init__(self, hidden: int, num_labels: int, pooling: str = "cls", bag: NgramBag | None = None,
                  dropout: float = 0.1, overlap_vocab: int = 0, tfidf: TfidfScores | None = None):
@@ -38,10 +39,16 @@ class ClassificationHead(nn.Module):
         bag_dim = bag.unigrams.embedding_dim * (2 if pooling == "pair" else 1) if bag is not None else 0
         self.classify = nn.Linear(hidden + bag_dim + (3 if overlap_vocab else 0), num_labels)
         self.tfidf = tfidf
+        if tfidf is not None:  # a buffer: saved with the head (checkpoints from before it load it as 1)
+            self.register_buffer("own_weight", torch.ones(()))
 
     def forward(self, hidden_states: torch.Tensor, batch: dict) -> torch.Tensor:  # (B, T, H) -> (B, C)
         own, tfidf = self.parts(hidden_states, batch)
-        return own if tfidf is None else own + tfidf.to(own.dtype)
+        return own if tfidf is None else self.combine(own, tfidf.to(own.dtype))
+
+    def combine(self, own: torch.Tensor, tfidf: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits from the two parts: the TF-IDF scores plus `own_weight` times the head's own logits."""
+        return tfidf + self.own_weight.to(own.dtype) * own
 
     def parts(self, hidden_states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, C) logits of the pooled vector (with bag and overlap), and (B, C) TF-IDF scores or None."""
@@ -107,7 +114,7 @@ class ClassificationTask:
         own, tfidf = head.parts(hidden_states, batch)  # (B, C) each
         if tfidf is None:
             return nn.functional.cross_entropy(own.float(), batch["labels"]), own
-        logits = own.float() + tfidf.float()
+        logits = head.combine(own.float(), tfidf.float())
         loss = nn.functional.cross_entropy(logits, batch["labels"])
         if self.cfg.encoder_loss:  # a fitted regression leaves small residuals: the encoder would learn little
             loss = loss + nn.functional.cross_entropy(own.float(), batch["labels"])

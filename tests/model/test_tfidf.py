@@ -165,3 +165,119 @@ def test_the_encoder_learns_from_its_own_logits_beside_the_fitted_scores(fitted,
     torch.testing.assert_close(loss, summed + alone if encoder_loss else summed)
     loss.backward()
     assert head.classify.weight.grad.norm() > 0
+
+
+def forward_accuracy(model, rows: list[dict], weight: float) -> float:
+    """Accuracy of the head's forward pass (what prediction runs) with `own_weight` set to `weight`."""
+    from tasks_mtl.ngrams import padded_ids
+
+    head = model.heads["sentiment"]
+    saved = float(head.own_weight)
+    head.own_weight.fill_(weight)
+    model.eval()
+    with torch.no_grad():
+        ids, mask = padded_ids(rows)
+        logits = model.logits("sentiment", {"input_ids": ids, "attention_mask": mask})
+    head.own_weight.fill_(saved)
+    return float((logits.argmax(-1) == torch.tensor([r["labels"] for r in rows])).float().mean())
+
+
+@pytest.fixture
+def own_logits_state(fitted):
+    """Restores the sentiment head's classifier and own_weight after a test that rewrites them."""
+    _, _, model = fitted
+    head = model.heads["sentiment"]
+    saved = {k: v.clone() for k, v in head.classify.state_dict().items()}, head.own_weight.clone()
+    yield model
+    head.classify.load_state_dict(saved[0])
+    head.own_weight.copy_(saved[1])
+    model.train()
+
+
+def test_choose_own_weight_drops_own_logits_that_mislead(fitted, own_logits_state):
+    """Texts labelled with the TF-IDF scores' own answers, and own logits that always push the other class than
+    the first text's: the sum is right everywhere only without them, so the weight chosen is 0; each weight's
+    accuracy is the head's forward pass at that weight."""
+    from tasks_mtl.ngrams import padded_ids
+    from tasks_mtl.tfidf import OWN_WEIGHTS, choose_own_weight
+    from tasks_mtl.train import load_features
+
+    cfg, _, model = fitted
+    head = model.heads["sentiment"]
+    rows = load_features(cfg, "sentiment")
+    with torch.no_grad():
+        tfidf = head.tfidf(*padded_ids(rows))
+    rows = [r | {"labels": int(label)} for r, label in zip(rows, tfidf.argmax(-1))]
+    pushed = 1 - rows[0]["labels"]
+    with torch.no_grad():
+        head.classify.weight.zero_()
+        head.classify.bias.fill_(0.0)
+        head.classify.bias[pushed] = 50.0
+    model.train()
+    report = choose_own_weight(model, "sentiment", rows, batch_size=7)
+    assert model.training  # the model is left in the mode it came in
+    assert report["own_weight"] == 0.0 and float(head.own_weight) == 0.0
+    assert report["validation_accuracy"][0.0] == 1.0
+    assert report["validation_accuracy"][1.0] < 1.0
+    for weight in OWN_WEIGHTS:
+        assert report["validation_accuracy"][weight] == pytest.approx(forward_accuracy(model, rows, weight), abs=1e-4)
+
+
+def test_choose_own_weight_keeps_the_trained_sum_on_a_tie(fitted, own_logits_state):
+    """Own logits of zero change nothing: every weight ties, and the largest (1, the sum as trained) is kept."""
+    from tasks_mtl.tfidf import choose_own_weight
+    from tasks_mtl.train import load_features
+
+    cfg, _, model = fitted
+    head = model.heads["sentiment"]
+    with torch.no_grad():
+        head.classify.weight.zero_()
+        head.classify.bias.zero_()
+        head.own_weight.fill_(0.5)
+    report = choose_own_weight(model, "sentiment", load_features(cfg, "sentiment"))
+    assert len(set(report["validation_accuracy"].values())) == 1
+    assert report["own_weight"] == 1.0 and float(head.own_weight) == 1.0
+
+
+def test_the_last_stage_chooses_the_weight_on_validation_and_saves_it(fitted):
+    """Stage 0 is not the last: its head keeps weight 1. The last stage's done.json holds the choice over the
+    validation split, and its checkpoint carries the chosen weight."""
+    import json
+
+    from tasks_mtl.checkpoint import load_checkpoint
+    from tasks_mtl.tfidf import OWN_WEIGHTS
+    from tasks_mtl.train import train_stage
+
+    cfg, first, model = fitted
+    assert float(model.heads["sentiment"].own_weight) == 1.0
+    assert "own_weight" not in json.loads((first / "done.json").read_text())
+    last = train_stage(cfg, 1)
+    chosen = json.loads((last / "done.json").read_text())["own_weight"]["sentiment"]
+    accuracy = {float(w): a for w, a in chosen["validation_accuracy"].items()}
+    assert set(accuracy) == set(OWN_WEIGHTS) and chosen["texts"] == 8  # the tiny project's validation rows
+    assert chosen["own_weight"] == max(OWN_WEIGHTS, key=lambda w: (accuracy[w], w))
+    trained, _, _ = load_checkpoint(last, cfg.tasks)
+    assert float(trained.heads["sentiment"].own_weight) == chosen["own_weight"]
+
+
+def test_a_checkpoint_from_before_own_weight_loads_with_weight_one(fitted, tmp_path):
+    """heads.safetensors without the buffer (and no manifest, as older checkpoints): it loads, weight 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tasks_mtl.checkpoint import load_checkpoint
+
+    cfg, checkpoint, _ = fitted
+    old = tmp_path / "old"
+    shutil.copytree(checkpoint, old)
+    (old / "manifest.json").unlink()
+    heads = load_file(str(old / "heads.safetensors"))
+    del heads["heads.sentiment.own_weight"]
+    save_file(heads, str(old / "heads.safetensors"))
+    model, _, _ = load_checkpoint(old, cfg.tasks)
+    assert float(model.heads["sentiment"].own_weight) == 1.0
+    heads.pop("heads.sentiment.tfidf.bias")  # any other missing weight still refuses to load
+    save_file(heads, str(old / "heads.safetensors"))
+    with pytest.raises(ValueError, match="tfidf.bias is not in the checkpoint"):
+        load_checkpoint(old, cfg.tasks)
