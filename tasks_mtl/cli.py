@@ -79,7 +79,8 @@ def _config(params: Path | None, profile: str | None, overrides: list[str] | Non
     try:
         return load_config(params, profile=profile, overrides=_overrides(overrides))
     except ValueError as err:  # pydantic's ValidationError is a ValueError
-        console.print(f"[red]configuration error[/red] in {params or 'the defaults'}: {_one_line(err)}")
+        console.print(f"[red]configuration error[/red] in {params or 'the defaults'}: {_one_line(err)}",
+                      soft_wrap=True)  # one line however long: a log or a grep sees it whole
         raise typer.Exit(2) from None
 
 
@@ -96,7 +97,7 @@ def _one_line(err: Exception) -> str:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -456,5 +457,5 @@ def main() -> None:
     except (ValueError, RuntimeError, LookupError, OSError) as err:
         if os.environ.get("MTL_DEBUG"):
             raise
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         sys.exit(1)
