@@ -2,7 +2,8 @@
 in under 2 s for each mistake it lists.
 
 Each case runs the installed `mtl` command in a fresh temporary directory (a copy of this repository's
-params.yaml in `project/`, the command started from `elsewhere/`, so nothing the command creates goes unseen)
+params.yaml in `project/`, without a registry as on a fresh clone, and in `registered/`, whose empty registry is
+made first; the command started from `elsewhere/`, so nothing the command creates goes unseen)
 and records its wall time, exit code, how many lines it printed and its first line. A case passes when the
 exit code is non-zero, the output holds no traceback, stdout is one line (MLflow may log on stderr) and it
 contains the expected words. Prints one JSON line: every case, the slowest time and whether all pass in
@@ -27,9 +28,11 @@ MTL = str(Path(sys.executable).parent / "mtl")
 LIMIT_S = 2.0
 
 
-def cases(project: Path) -> dict[str, tuple[list[str], str]]:
-    """Name -> (arguments, words the message must contain)."""
+def cases(project: Path, registered: Path) -> dict[str, tuple[list[str], str]]:
+    """Name -> (arguments, words the message must contain). `project` has no registry (a fresh clone);
+    `registered` has an empty one, so its promote and rollback go through MLflow."""
     params = str(project / "params.yaml")
+    with_registry = str(registered / "params.yaml")
     return {
         "validate --params missing": (["validate", "--params", str(project / "typo.yaml")], "typo.yaml not found"),
         "pipeline --params missing": (["pipeline", "--params", "typo.yaml"], "typo.yaml not found"),
@@ -42,8 +45,10 @@ def cases(project: Path) -> dict[str, tuple[list[str], str]]:
                                           "intent"),
         "unknown key": (["validate", "--params", params, "-S", "training.batchsize=8"], "batchsize"),
         "unknown split": (["evaluate", "--params", params, "--split", "dev"], "dev"),
-        "promote a version that does not exist": (["promote", "99", "--params", params], "has no version 99"),
-        "rollback with nothing before": (["rollback", "--params", params], "no champion to roll back from"),
+        "promote, no registry yet": (["promote", "99", "--params", params], "no registry at"),
+        "rollback, no registry yet": (["rollback", "--params", params], "no registry at"),
+        "promote a version that does not exist": (["promote", "99", "--params", with_registry], "has no version 99"),
+        "rollback with nothing before": (["rollback", "--params", with_registry], "no champion to roll back from"),
     }
 
 
@@ -63,11 +68,16 @@ def run_case(args: list[str], words: str, cwd: Path) -> dict:
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mtl-cli-errors-"))
     try:
-        project, elsewhere = root / "project", root / "elsewhere"
-        project.mkdir()
-        elsewhere.mkdir()
-        shutil.copy(REPO / "params.yaml", project / "params.yaml")
-        results = {name: run_case(args, words, elsewhere) for name, (args, words) in cases(project).items()}
+        project, registered, elsewhere = root / "project", root / "registered", root / "elsewhere"
+        for directory in (project, registered, elsewhere):
+            directory.mkdir()
+        for directory in (project, registered):
+            shutil.copy(REPO / "params.yaml", directory / "params.yaml")
+        make_registry = ("import sys; from tasks_mtl.config import load_config; "
+                         "from tasks_mtl.registry import list_versions; list_versions(load_config(sys.argv[1]))")
+        subprocess.run([sys.executable, "-c", make_registry, str(registered / "params.yaml")], check=True,
+                       capture_output=True, timeout=300)
+        results = {name: run_case(args, words, elsewhere) for name, (args, words) in cases(project, registered).items()}
         slowest = max(r["seconds"] for r in results.values())
         print(json.dumps({
             "cases": results,

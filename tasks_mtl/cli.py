@@ -84,6 +84,17 @@ def _config(params: Path | None, profile: str | None, overrides: list[str] | Non
         raise typer.Exit(2) from None
 
 
+def _registry_config(params: Path | None):
+    """The configuration of a command that changes the registry; one whose SQLite registry was never created
+    fails at once, before MLflow is imported (1.5 s) or an empty database is made."""
+    from tasks_mtl.store import missing_registry
+
+    cfg = _config(params, None)
+    if (db := missing_registry(cfg)) is not None:
+        _fail(f"no registry at {db} yet: nothing was registered (a `mtl pipeline` run registers the first version)")
+    return cfg
+
+
 def _one_line(err: Exception) -> str:
     """A pydantic ValidationError as `where: what; ...` (no input dump, no URL); other errors as they are."""
     errors = getattr(err, "errors", None)
@@ -303,9 +314,15 @@ def models(params: ParamsOpt = None) -> None:
     """List registered versions with aliases, the profile that made each, gate result and key metrics."""
     from rich.table import Table
 
-    from tasks_mtl.registry import list_versions
+    from tasks_mtl.store import missing_registry
 
     cfg = _config(params, None)
+    if (db := missing_registry(cfg)) is not None:
+        console.print(f"no versions: no registry at {db} yet (a `mtl pipeline` run registers the first one)",
+                      soft_wrap=True)
+        return
+    from tasks_mtl.registry import list_versions
+
     rows = list_versions(cfg)
     table = Table(title=cfg.registry.model_name)
     for col in ("version", "aliases", "profile", "created", "gate", "key metrics"):
@@ -323,9 +340,9 @@ def promote(
     params: ParamsOpt = None,
 ) -> None:
     """Move `champion` to VERSION by hand (recorded with who and why); a smoke run's version is refused."""
+    cfg = _registry_config(params)
     from tasks_mtl.registry import promote as run_promote
 
-    cfg = _config(params, None)
     run_promote(cfg, version, reason=reason)
     console.print(f"champion -> version {version}")
 
@@ -336,9 +353,9 @@ def rollback(
     params: ParamsOpt = None,
 ) -> None:
     """Move `champion` back to the version that held it before the current one."""
+    cfg = _registry_config(params)
     from tasks_mtl.registry import rollback as run_rollback
 
-    cfg = _config(params, None)
     version = run_rollback(cfg, reason=reason)
     console.print(f"champion -> version {version}")
 

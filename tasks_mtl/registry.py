@@ -42,6 +42,7 @@ from mlflow.types import ColSpec, Schema
 from tasks_mtl import tracking
 from tasks_mtl.config import Config
 from tasks_mtl.gates import gate_summary
+from tasks_mtl.store import sqlite_file
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"  # the latest version of a production-capable profile
@@ -163,12 +164,8 @@ def hold_lock(path: Path, holder: str, on_wait: Callable[[str], None] | None = N
 def registry_lock(cfg: Config, on_wait: Callable[[str], None] | None = None) -> contextlib.AbstractContextManager:
     """The lock around changes of this registry: beside a SQLite store, else in the run root (a tracking
     server's registry is then guarded only against runs on this machine)."""
-    uri = tracking.tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        db = Path(uri.removeprefix("sqlite:///")).resolve()
-        path = db.with_name(db.name + ".lock")
-    else:
-        path = cfg.path(".mtl-registry.lock")
+    db = sqlite_file(tracking.tracking_uri(cfg))
+    path = db.with_name(db.name + ".lock") if db is not None else cfg.path(".mtl-registry.lock")
     return hold_lock(path, f"registry changes for {cfg.registry.model_name}", on_wait)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,31 +25,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks_mtl.config import Config
+from tasks_mtl.store import artifact_root, tracking_uri
 
 _BATCH = 100  # MLflow's log_batch limit for params and tags per request
-
-
-def tracking_uri(cfg: Config) -> str:
-    """cfg.registry.tracking_uri, else $MLFLOW_TRACKING_URI, else an absolute SQLite file in the checkout.
-
-    Absolute, because MLflow's default is a path relative to whatever directory the process
-    happens to run in (a Prefect worker, `dvc repro`, a notebook), which scatters the registry.
-    """
-    if cfg.registry.tracking_uri:
-        return cfg.registry.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + str(cfg.path("mlflow.db"))
-
-
-def artifact_root(cfg: Config) -> str | None:
-    """Where a new experiment stores artifacts: beside a local SQLite store, else the server's choice."""
-    uri = tracking_uri(cfg)
-    if uri == "sqlite:///" + str(cfg.path("mlflow.db")):
-        return cfg.path("mlartifacts").as_uri()
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-    return None  # a tracking server assigns (and serves) its own artifact root
 
 
 def client(cfg: Config) -> MlflowClient:

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tasks_mtl import registry, tracking
+from tasks_mtl.config import Config
 from tasks_mtl.gates import evaluate_gates
 
 METRICS = {"sentiment": {"accuracy": 0.8, "macro_f1": 0.79}, "ner": {"f1": 0.5},
@@ -117,6 +118,8 @@ def test_cli_expected_failures_end_in_one_line(mlflow_cfg, tmp_path):
     elsewhere.mkdir()
     params = str(project / "params.yaml")
     (project / "params.yaml").write_text("seed: 1\n")
+    registry.list_versions(Config(root=project))  # the project's registry exists (and is empty)
+    assert (project / "mlflow.db").is_file()
     for args, message in [
         (["promote", "99", "--params", params], "has no version 99"),
         (["rollback", "--params", params], "no champion to roll back from"),
@@ -130,6 +133,30 @@ def test_cli_expected_failures_end_in_one_line(mlflow_cfg, tmp_path):
         assert done.returncode != 0 and message in out, (args, out)
         assert "Traceback" not in out and len(done.stdout.strip().splitlines()) == 1, out  # stderr: MLflow's own log
     assert not any(elsewhere.iterdir())  # nothing is created where the command was run
+
+
+def test_registry_commands_without_a_registry_answer_at_once_and_create_none(tmp_path, monkeypatch):
+    """A fresh project has no mlflow.db: promote and rollback fail in one line, models lists nothing, each
+    without importing MLflow (1.5 s of the 2 s an error may take) and without creating the database."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    code = ("import sys; from tasks_mtl.cli import main; sys.argv = ['mtl', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
+            "print('exit', code, 'mlflow imported', 'mlflow' in sys.modules)")
+    for args, message, exit_code in [
+        (["promote", "3"], "no registry at", 1),
+        (["rollback"], "no registry at", 1),
+        (["models"], "no versions: no registry at", 0),
+    ]:
+        done = subprocess.run([sys.executable, "-c", code, *args, "--params", str(tmp_path / "params.yaml")],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+        lines = done.stdout.strip().splitlines()
+        assert message in lines[0] and str(tmp_path / "mlflow.db") in lines[0], done.stdout + done.stderr
+        assert lines[-1] == f"exit {exit_code} mlflow imported False", done.stdout + done.stderr
+        assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_resolve_model_dir(mlflow_cfg, fake_checkpoint):
