@@ -81,9 +81,11 @@ class TaskConfig(Strict):
     ngram_bag_norm: Literal["mean", "sqrt"] = "mean"  # the bag's sum divided by the n-gram count, or by its square
     #                                                  root (as an L2-normalised tf vector: long texts keep weight)
     tfidf: bool = False  # classification: TF-IDF char 1-3-gram scores added to the logits, fitted by logistic
-    #                      regression in the features stage (tasks_mtl.tfidf), then tuned with the rest
+    #                      regression in the features stage (tasks_mtl.tfidf)
     tfidf_nb: bool = True  # with tfidf, two classes: columns scaled by their naive-Bayes log-count ratio before the
     #                        fit (NBSVM features; reviews: validation 0.850 / test 0.865 against 0.837 / 0.860 plain)
+    tfidf_tune: bool = False  # with tfidf: SGD also tunes the fitted TF-IDF weights in later stages (off: they keep
+    #                           the regression's fit, C = 4 chosen on validation; SGD over them drifted in full runs)
     tfidf_select: bool = True  # with tfidf: when the last stage ends, the weight of the head's own logits beside
     #                            the TF-IDF scores (0, 0.25, ..., 1) is chosen by validation accuracy
     encoder_loss: bool = True  # with tfidf: the encoder's own logits also get a cross-entropy of their own, so the

@@ -204,7 +204,8 @@ class MultiTaskModel(nn.Module):
         return [p for p in [*self.heads.parameters(), *self.private.parameters(), *extra] if p.requires_grad]
 
     def freeze(self, freeze_layers: int | str) -> None:
-        """Freeze the whole encoder ("all"), nothing ("none"), or the embeddings and the bottom k layers."""
+        """Freeze the whole encoder ("all"), nothing ("none"), or the embeddings and the bottom k layers. Heads
+        train, except a TF-IDF regression without `tfidf_tune`, which keeps the weights of its fit."""
         for p in self.bert.parameters():
             p.requires_grad = freeze_layers != "all"
         if isinstance(freeze_layers, int):
@@ -214,6 +215,10 @@ class MultiTaskModel(nn.Module):
                     p.requires_grad = False
         for p in [*self.heads.parameters(), *self.private.parameters()]:
             p.requires_grad = True
+        for task, cfg in self.task_cfgs.items():  # a fitted TF-IDF regression stays as fitted unless tuned
+            if cfg.tfidf and not cfg.tfidf_tune:
+                for p in self.heads[task].tfidf.parameters():
+                    p.requires_grad = False
         for module in (self.bigrams, self.window):  # new weights, never pretrained: nothing to protect
             for p in module.parameters() if module is not None else []:
                 p.requires_grad = True

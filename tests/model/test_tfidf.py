@@ -13,7 +13,8 @@ from tiny_project import make_tiny_project
 
 STAGES = [
     {"name": "features", "features_only": True, "steps": 3, "head_lr": 5e-3},
-    {"name": "joint", "steps": 2, "encoder_lr": 1e-3, "head_lr": 1e-3},
+    {"name": "joint", "tasks": ["sentiment", "nsp"], "steps": 4, "sampler": "round_robin", "encoder_lr": 1e-3,
+     "head_lr": 1e-3},
 ]
 
 
@@ -258,6 +259,26 @@ def test_the_last_stage_chooses_the_weight_on_validation_and_saves_it(fitted):
     assert chosen["own_weight"] == max(OWN_WEIGHTS, key=lambda w: (accuracy[w], w))
     trained, _, _ = load_checkpoint(last, cfg.tasks)
     assert float(trained.heads["sentiment"].own_weight) == chosen["own_weight"]
+    fitted_scores, tuned_scores = model.heads["sentiment"].tfidf, trained.heads["sentiment"].tfidf
+    assert torch.equal(fitted_scores.weight.weight, tuned_scores.weight.weight)  # no tfidf_tune: kept as fitted
+    assert torch.equal(fitted_scores.bias, tuned_scores.bias)
+
+
+def test_tfidf_tune_lets_sgd_move_the_fitted_weights(fitted):
+    """`freeze` leaves the TF-IDF weights out of training by default and in with `tfidf_tune`; the rest of the
+    head trains either way."""
+    cfg, _, model = fitted
+    head = model.heads["sentiment"]
+    try:
+        model.freeze("none")
+        assert not any(p.requires_grad for p in head.tfidf.parameters())
+        assert all(p.requires_grad for p in head.classify.parameters())
+        assert all(id(p) not in {id(q) for q in model.private_parameters()} for p in head.tfidf.parameters())
+        model.task_cfgs["sentiment"] = cfg.tasks["sentiment"].model_copy(update={"tfidf_tune": True})
+        model.freeze("none")
+        assert all(p.requires_grad for p in head.tfidf.parameters())
+    finally:
+        model.task_cfgs["sentiment"] = cfg.tasks["sentiment"]
 
 
 def test_a_checkpoint_from_before_own_weight_loads_with_weight_one(fitted, tmp_path):
