@@ -221,8 +221,8 @@ real = registry._version_by_alias
 waited = []
 def slow(cfg, alias):  # widen the window between reading the champion and replacing it
     found = real(cfg, alias)
-    if alias == registry.CHAMPION and not waited and sys._getframe(1).f_code.co_name == "promote":
-        waited.append(True)  # promote's read of the champion it replaces
+    if alias == registry.CHAMPION and not waited and sys._getframe(1).f_code.co_name == "_promote":
+        waited.append(True)  # _promote's read of the champion it replaces (promote holds the lock around it)
         if os.environ.get("NO_LOCK"):  # the control: both read the champion before either moves it, every time
             (out / f"read-{me}").touch()
             deadline = time.time() + 600  # the other's register can take minutes on a loaded 2-core box (SQLite)
