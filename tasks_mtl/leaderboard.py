@@ -30,7 +30,7 @@ from typing import Any
 from tasks_mtl.baselines import gain_summary, single_task_baselines
 from tasks_mtl.config import Config, load_config
 from tasks_mtl.evaluate import evaluate
-from tasks_mtl.runlog import stage_dir, stage_log
+from tasks_mtl.runlog import stage_dir, stage_log, stage_timing
 
 ChildRun = Callable[[str, dict[str, str]], AbstractContextManager[Any]]
 
@@ -78,8 +78,8 @@ def _copy_done_stage(cfg: Config, index: int, donors: list[Config]) -> float | N
             shutil.copytree(stage_dir(donor, index), stage_dir(cfg, index))
             if stage_log(donor, index).exists():  # its curves belong to this run too
                 shutil.copy2(stage_log(donor, index), stage_log(cfg, index))
-            done = json.loads((stage_dir(donor, index) / "done.json").read_text())
-            return float(done.get("seconds", 0.0))
+            timing = stage_timing(donor, index)
+            return float(json.loads(timing.read_text())["seconds"]) if timing.exists() else 0.0
     return None
 
 

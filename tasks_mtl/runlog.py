@@ -3,7 +3,10 @@ them and the readers (loss report, run report, evaluation) that must not import 
 
 Stage `index` (0-based) of a run writes `<output_dir>/<index+1>-<name>/` (its checkpoint) and, beside it,
 `<index+1>-<name>.log.csv`: long CSV rows `step,stage,metric,value` (`loss/<task>`, `weight/<task>`,
-`lr/<group>`, `tokens_per_s`, ...), appended at each logging step.
+`lr/<group>`, `tokens_per_s`, ...), appended at each logging step, and `<index+1>-<name>.timing.json`
+(`{"seconds": ...}`, the stage's wall time). Time and speed (with the log's `tokens_per_s`) are the only
+results that differ between two runs of a stage, so they stay out of the checkpoint and out of `done.json`,
+and `.dvcignore` keeps both files out of the `checkpoints` hash: two `dvc repro` runs lock the same output.
 """
 
 from __future__ import annotations
@@ -26,6 +29,12 @@ def stage_log(cfg: Config, index: int) -> Path:
     """The log file of stage `index`, beside its checkpoint directory."""
     out = stage_dir(cfg, index)
     return out.with_name(out.name + ".log.csv")
+
+
+def stage_timing(cfg: Config, index: int) -> Path:
+    """The wall-time record of stage `index`, beside its checkpoint directory."""
+    out = stage_dir(cfg, index)
+    return out.with_name(out.name + ".timing.json")
 
 
 def append_log(path: Path, step: int, stage: str, metrics: dict[str, float]) -> None:

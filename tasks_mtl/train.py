@@ -38,7 +38,7 @@ from tasks_mtl.optim import (NGRAM_MODULES, LossScale, learning_rates, linear_sc
                              make_optimizers, param_groups)
 from tasks_mtl.progress import ProgressFn
 from tasks_mtl.resume import discard_resume, find_resume, rank_part, restore, training_state, trim_log
-from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log
+from tasks_mtl.runlog import append_log, read_logs, stage_dir, stage_log, stage_timing
 from tasks_mtl.sampling import AllTasks, build_sampler
 from tasks_mtl.streams import (StreamData, co_labelled_collator, co_labelled_groups, load_features,  # noqa: F401
                                merge_features, stage_batch_tokens, stream_data)
@@ -291,8 +291,11 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
             if step == stop_after:
                 return resume_dir
 
-    return finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": total, "nonfinite_steps": nonfinite.count,
-                                                       "seconds": round(time.perf_counter() - started, 1)}, ranks)
+    out = finish_stage(cfg, index, model, tokenizer, {"key": key, "steps": total, "nonfinite_steps": nonfinite.count},
+                       ranks)
+    if ranks.is_main:  # not in done.json: the checkpoint of a run is the same file by file each time
+        stage_timing(cfg, index).write_text(json.dumps({"seconds": round(time.perf_counter() - started, 1)}))
+    return out
 
 
 def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done: dict,

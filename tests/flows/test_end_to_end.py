@@ -127,6 +127,15 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     again = _dvc(["repro"], repo, env)
     assert "Running stage" not in again, again
 
+    # bit for bit: training again from nothing locks the same checkpoints, so evaluate has nothing to redo
+    locked = (repo / "dvc.lock").read_text()
+    shutil.rmtree(repo / "checkpoints")
+    retrained = _dvc(["repro"], repo, env)
+    ran = {line.split("'")[1] for line in retrained.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train"}, retrained
+    assert (repo / "dvc.lock").read_text() == locked
+    assert list((repo / "checkpoints").glob("*.timing.json")) and list((repo / "checkpoints").glob("*.log.csv"))
+
     dag = _dvc(["dag", "--dot"], repo, env)  # one chain: validate checks what ingest described
     for edge in ("ingest", "validate"), ("validate", "prepare"), ("prepare", "tokenize"), ("tokenize", "train"):
         assert f'"{edge[0]}" -> "{edge[1]}"' in dag, dag

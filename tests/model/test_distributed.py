@@ -72,7 +72,7 @@ def test_two_torchrun_processes_learn_in_step_and_only_rank_0_writes(uninterrupt
     assert {c["rank"] for c in calls} == {0}
     saves = [Path(c["path"]).name for c in calls if c["call"] == "save_checkpoint"]
     assert saves == ["1-joint.resume", "1-joint.resume", "1-joint"]
-    assert sorted(p.name for p in out.parent.iterdir()) == ["1-joint", "1-joint.log.csv"]  # resume saves gone
+    assert sorted(p.name for p in out.parent.iterdir()) == ["1-joint", "1-joint.log.csv", "1-joint.timing.json"]  # resume saves gone
     with (out.parent / "1-joint.log.csv").open() as fh:
         rows = [(int(r["step"]), r["metric"], float(r["value"])) for r in csv.DictReader(fh)]
     assert len(rows) == len({(step, metric) for step, metric, _ in rows})

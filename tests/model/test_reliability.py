@@ -94,7 +94,7 @@ def test_a_crash_between_the_two_renames_resumes_from_the_previous_save(projects
         done = train_stage(cfg, 0)
     assert "stage 'only' resumes at step 4 of 8" in caplog.text and ".resume.old" in caplog.text
     _assert_same_weights(done, stage_dir(load_config(straight / "params.yaml"), 0))
-    assert sorted(p.name for p in done.parent.iterdir()) == ["1-only", "1-only.log.csv"]
+    assert sorted(p.name for p in done.parent.iterdir()) == ["1-only", "1-only.log.csv", "1-only.timing.json"]
 
 
 # -- NaN / inf losses ----------------------------------------------------------------------------------
