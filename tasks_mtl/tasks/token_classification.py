@@ -72,6 +72,27 @@ def _crf_class():
                 score = torch.where(mask[i].unsqueeze(1), following, score)
             return torch.logsumexp(score + self.end_transitions, dim=1)
 
+        def _viterbi_decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+            """torchcrf's Viterbi with the trace-back done for the whole batch at once (one gather per position)
+            instead of per sample and position through `.item()`: the same paths (the best previous tag is
+            taken before the emission is added, which does not change it), several times faster for short texts."""
+            # emissions (T, B, C), mask (T, B), time first as in torchcrf
+            score = self.start_transitions + emissions[0]  # (B, C)
+            history = []
+            for i in range(1, emissions.size(0)):
+                best, previous = (score.unsqueeze(2) + self.transitions).max(dim=1)  # (B, C): over the previous tag
+                score = torch.where(mask[i].unsqueeze(1), best + emissions[i], score)
+                history.append(previous)
+            last = (score + self.end_transitions).argmax(dim=1)  # (B,): each sample's best final tag
+            ends = mask.long().sum(0) - 1  # (B,): each sample's last position
+            tag, paths = last, torch.empty(mask.shape, dtype=torch.long, device=emissions.device)
+            for t in range(emissions.size(0) - 1, -1, -1):  # positions past a sample's end hold ignored tags
+                tag = torch.where(ends == t, last, tag)
+                paths[t] = tag
+                if t:
+                    tag = history[t - 1].gather(1, tag.unsqueeze(1)).squeeze(1)
+            return [row[: end + 1] for row, end in zip(paths.T.tolist(), ends.tolist())]
+
     return MatmulCRF
 
 

@@ -9,10 +9,12 @@ import subprocess
 
 import httpx
 import pytest
+import torch
 from e2e_helpers import BIN, env_for, free_port, wait_healthy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks_mtl.model import bf16_fast
 from tasks_mtl.serve import MAX_RECORDS, MAX_TEXT_CHARS
 
 pytestmark = pytest.mark.slow
@@ -53,6 +55,7 @@ def _no_traceback(response: httpx.Response) -> None:
 def test_health_names_the_model_and_its_tasks(server):
     body = server.get("/health").json()
     assert body["status"] == "ok" and set(body["tasks"]) == {"sentiment", "ner", "cws", "nsp", "mlm"}
+    assert body["precision"] == ("bf16" if bf16_fast(torch.device("cpu")) else "fp32")  # auto: bf16 where native
 
 
 def test_good_records_come_back_with_every_task_and_their_own_fields(server):

@@ -1,4 +1,5 @@
-"""Prediction speed options: the shared length batching and the dynamic int8 model for CPU serving."""
+"""Prediction speed options: the shared length batching, one encoder pass for the token tasks and sentiment, the
+batched Viterbi, bf16 encoder layers, and the dynamic int8 model for CPU serving."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_batches_by_length_cover_every_row_once_shortest_first():
 
 
 def test_quantized_model_keeps_the_contract_and_mostly_agrees(checkpoint):
-    exact = Predictor.from_dir(checkpoint, device="cpu")
+    exact = Predictor.from_dir(checkpoint, device="cpu", precision="fp32")
     quantized = Predictor.from_dir(checkpoint, quantize=True)
     linear = [m for m in quantized.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert linear and not any(type(m) is torch.nn.Linear for m in quantized.model.modules())
@@ -70,3 +71,82 @@ def test_mtl_predict_quantize_writes_the_records(checkpoint, tmp_path):
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in records] == list(range(len(TEXTS)))
     assert all({"sentiment", "ner", "cws"} <= set(r) and "".join(r["cws"]) == r["text"] for r in records)
+
+
+@pytest.mark.parametrize(("tags", "rows", "length"), [(89, 16, 30), (4, 1, 12), (7, 9, 1), (3, 6, 8)])
+def test_batched_viterbi_finds_torchcrfs_paths(tags, rows, length):
+    from torchcrf import CRF
+
+    from tasks_mtl.tasks.token_classification import _crf_class
+
+    torch.manual_seed(tags + rows + length)
+    ours, reference = _crf_class()(tags, batch_first=True), CRF(tags, batch_first=True)
+    for p in reference.parameters():
+        torch.nn.init.normal_(p)
+    ours.load_state_dict(reference.state_dict())
+    emissions = torch.randn(rows, length, tags)
+    lengths = torch.randint(1, length + 1, (rows,))
+    lengths[0] = length
+    mask = torch.arange(length)[None] < lengths[:, None]
+    paths = ours.decode(emissions, mask)
+    assert paths == reference.decode(emissions, mask)
+    assert [len(p) for p in paths] == lengths.tolist()
+
+
+def _count_passes(predictor, monkeypatch) -> list[list[str]]:
+    passes: list[list[str]] = []
+    encode = predictor.model.tasks_hidden
+
+    def counted(tasks, batch):
+        passes.append(sorted(tasks))
+        return encode(tasks, batch)
+
+    monkeypatch.setattr(predictor.model, "tasks_hidden", counted)
+    return passes
+
+
+def test_one_encoder_pass_serves_the_token_tasks_and_sentiment(checkpoint, monkeypatch):
+    predictor = Predictor.from_dir(checkpoint, device="cpu", precision="fp32")
+    alone = predictor.class_probs("sentiment", TEXTS)  # sentiment's own encoding of each text
+    passes = _count_passes(predictor, monkeypatch)
+    records = predictor.predict(TEXTS)
+    readers = sorted(t for t, c in predictor.tasks.items() if c.type in ("token_classification", "classification"))
+    assert "sentiment" in readers and "ner" in readers
+    assert passes == [readers]  # one batch, one pass: every token head and sentiment's head read it
+    assert [r["sentiment"]["score"] for r in records] == pytest.approx(alone.max(1), abs=1e-5)
+    assert [r["sentiment"]["label"] for r in records] == [predictor.tasks["sentiment"].labels[i] for i in alone.argmax(1)]
+
+
+def test_texts_encoded_otherwise_get_sentiments_own_pass(checkpoint, monkeypatch):
+    predictor = Predictor.from_dir(checkpoint, device="cpu", precision="fp32")
+    texts = ["iPhone 12 手机很好", "张伟在北京学习", "我们" * 300]  # latin pieces; plain Chinese; longer than a window
+    own = predictor.tokenizer(texts[0])["input_ids"]
+    assert own != predictor.tokenizer(list(texts[0]), is_split_into_words=True)["input_ids"]  # the premise
+    alone = predictor.class_probs("sentiment", texts)
+    passes = _count_passes(predictor, monkeypatch)
+    records = predictor.predict(texts)
+    assert [r["sentiment"]["score"] for r in records] == pytest.approx(alone.max(1), abs=1e-5)
+    assert passes.count(["sentiment"]) >= 1  # the first and the last text went through class_probs
+    assert sum("sentiment" in p and "ner" in p for p in passes) == 1
+
+
+def test_bf16_runs_only_the_layers_in_bf16_and_agrees_with_fp32(checkpoint):
+    from tasks_mtl.model import bf16_fast
+
+    exact = Predictor.from_dir(checkpoint, device="cpu", precision="fp32")
+    half = Predictor.from_dir(checkpoint, device="cpu", precision="bf16")
+    assert (exact.precision, half.precision) == ("fp32", "bf16")
+    assert all(p.dtype == torch.bfloat16 for p in half.model.bert.encoder.parameters())
+    assert all(p.dtype == torch.float32 for p in [*half.model.bert.embeddings.parameters(),
+                                                  *half.model.heads.parameters()])
+    want, got = exact.predict(TEXTS), half.predict(TEXTS)
+    assert np.allclose([r["sentiment"]["score"] for r in got], [r["sentiment"]["score"] for r in want], atol=0.02)
+    tags = [(a, b) for w, g in zip(exact.token_tags("ner", [list(t) for t in TEXTS]),
+                                   half.token_tags("ner", [list(t) for t in TEXTS])) for a, b in zip(w, g)]
+    assert sum(a == b for a, b in tags) >= 0.9 * len(tags)
+    auto = Predictor.from_dir(checkpoint, device="cpu")
+    assert auto.precision == ("bf16" if bf16_fast(torch.device("cpu")) else "fp32")
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        Predictor.from_dir(checkpoint, device="cpu", precision="fp16")
+    with pytest.raises(ValueError, match="exclude"):
+        Predictor.from_dir(checkpoint, quantize=True, precision="bf16")
