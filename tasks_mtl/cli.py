@@ -352,6 +352,10 @@ def promote(
 ) -> None:
     """Move `champion` to VERSION by hand (recorded with who and why); a smoke run's version is refused."""
     cfg = _registry_config(params)
+    from tasks_mtl.store import surely_lacks_version
+
+    if surely_lacks_version(cfg, version):  # the registry's own table says so: no need to load MLflow (1.5 s)
+        _fail(f"{cfg.registry.model_name} has no version {version}; `mtl models` lists the versions")
     from tasks_mtl.registry import promote as run_promote
 
     run_promote(cfg, version, reason=reason)
@@ -365,6 +369,10 @@ def rollback(
 ) -> None:
     """Move `champion` back to the version that held it before the current one."""
     cfg = _registry_config(params)
+    from tasks_mtl.store import surely_lacks_alias
+
+    if surely_lacks_alias(cfg, "champion"):  # as in promote: answered before MLflow loads
+        _fail(f"{cfg.registry.model_name} has no champion to roll back from")
     from tasks_mtl.registry import rollback as run_rollback
 
     version = run_rollback(cfg, reason=reason)

@@ -135,28 +135,66 @@ def test_cli_expected_failures_end_in_one_line(mlflow_cfg, tmp_path):
     assert not any(elsewhere.iterdir())  # nothing is created where the command was run
 
 
-def test_registry_commands_without_a_registry_answer_at_once_and_create_none(tmp_path, monkeypatch):
-    """A fresh project has no mlflow.db: promote and rollback fail in one line, models lists nothing, each
-    without importing MLflow (1.5 s of the 2 s an error may take) and without creating the database."""
+def _mtl(args: list[str], root: Path) -> tuple[str, str]:
+    """`mtl ARGS --params root/params.yaml` in a fresh interpreter: (its first output line, its last line
+    `exit <code> mlflow imported <bool>`)."""
     import subprocess
     import sys
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "params.yaml").write_text("seed: 1\n")
     code = ("import sys; from tasks_mtl.cli import main; sys.argv = ['mtl', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\nelse:\n    code = 0\n"
             "print('exit', code, 'mlflow imported', 'mlflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, *args, "--params", str(root / "params.yaml")],
+                          capture_output=True, text=True, cwd=root, timeout=120, check=False)
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr
+    return lines[0], lines[-1]
+
+
+def test_registry_commands_without_a_registry_answer_at_once_and_create_none(tmp_path, monkeypatch):
+    """A fresh project has no mlflow.db: promote and rollback fail in one line, models lists nothing, each
+    without importing MLflow (1.5 s of the 2 s an error may take) and without creating the database."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("seed: 1\n")
     for args, message, exit_code in [
         (["promote", "3"], "no registry at", 1),
         (["rollback"], "no registry at", 1),
         (["models"], "no versions: no registry at", 0),
     ]:
-        done = subprocess.run([sys.executable, "-c", code, *args, "--params", str(tmp_path / "params.yaml")],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
-        lines = done.stdout.strip().splitlines()
-        assert message in lines[0] and str(tmp_path / "mlflow.db") in lines[0], done.stdout + done.stderr
-        assert lines[-1] == f"exit {exit_code} mlflow imported False", done.stdout + done.stderr
+        first, last = _mtl(args, tmp_path)
+        assert message in first and str(tmp_path / "mlflow.db") in first, first
+        assert last == f"exit {exit_code} mlflow imported False"
         assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_registry_without_that_version_or_a_champion_answers_before_mlflow_loads(mlflow_cfg, fake_checkpoint):
+    """On an existing registry, a version that is not there and a rollback with no champion are read from the
+    SQLite tables (tasks_mtl/store.py) and refused without MLflow; what is there still goes through MLflow."""
+    from tasks_mtl import store
+
+    cfg, root = mlflow_cfg, mlflow_cfg.root
+    version = registry.log_and_register(cfg, fake_checkpoint, METRICS, _gates(cfg, METRICS))
+    assert (store.surely_lacks_version(cfg, version), store.surely_lacks_version(cfg, version + 1)) == (False, True)
+    assert store.surely_lacks_alias(cfg, registry.CHAMPION)
+    (root / "params.yaml").write_text("seed: 1\n")  # the same root, so the same mlflow.db
+
+    first, last = _mtl(["promote", str(version + 1)], root)
+    assert f"has no version {version + 1}" in first and last == "exit 1 mlflow imported False"
+    first, last = _mtl(["rollback"], root)
+    assert "no champion to roll back from" in first and last == "exit 1 mlflow imported False"
+    first, last = _mtl(["promote", str(version)], root)  # a real version: MLflow moves the alias
+    assert first == f"champion -> version {version}" and last == "exit 0 mlflow imported True"
+    assert not store.surely_lacks_alias(cfg, registry.CHAMPION)
+    first, last = _mtl(["rollback"], root)  # a champion that replaced none: MLflow's answer
+    assert "replaced no earlier champion" in first and last == "exit 1 mlflow imported True"
+
+    # a store it cannot read (another schema, or a server) never counts as lacking anything
+    other = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": "http://127.0.0.1:9"})})
+    assert not store.surely_lacks_version(other, 99) and not store.surely_lacks_alias(other, "champion")
+    (root / "empty.db").touch()
+    bare = cfg.model_copy(update={"registry": cfg.registry.model_copy(
+        update={"tracking_uri": f"sqlite:///{root / 'empty.db'}"})})
+    assert not store.surely_lacks_version(bare, 99) and not store.surely_lacks_alias(bare, "champion")
 
 
 def test_resolve_model_dir(mlflow_cfg, fake_checkpoint):
