@@ -185,14 +185,16 @@ def choose_own_weight(model, task: str, rows: list[dict], batch_size: int = 64) 
 
 
 def choose_own_weights(cfg, model, tokenizer) -> dict[str, dict]:
-    """`choose_own_weight` for every task of the model with `tfidf` and `tfidf_select`, on its prepared
-    validation split (tokenized here: only train is cached)."""
+    """`choose_own_weight` for every task of the model with `tfidf` and `tfidf_select` that a stage of the run
+    trains (a single-task run leaves the others' heads as they are), on its prepared validation split (tokenized
+    here: only train is cached)."""
     from tasks_mtl.data.prepare import read_split
     from tasks_mtl.tasks import build_task
 
+    trained = {t for stage in cfg.training.stages for t in stage.task_names(cfg.tasks)}
     report = {}
     for task, task_cfg in model.task_cfgs.items():
-        if not (task_cfg.tfidf and task_cfg.tfidf_select):
+        if not (task_cfg.tfidf and task_cfg.tfidf_select) or task not in trained:
             continue
         records = read_split(cfg, task, "validation")
         encoded = build_task(task, task_cfg).encode({"text": [r["text"] for r in records],

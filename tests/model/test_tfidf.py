@@ -302,3 +302,27 @@ def test_a_checkpoint_from_before_own_weight_loads_with_weight_one(fitted, tmp_p
     save_file(heads, str(old / "heads.safetensors"))
     with pytest.raises(ValueError, match="tfidf.bias is not in the checkpoint"):
         load_checkpoint(old, cfg.tasks)
+
+
+def test_a_run_that_never_trains_sentiment_leaves_its_weight_alone(fitted):
+    """A single-task run (the leaderboard's baselines) has every head but trains one task: the validation pass
+    that picks `own_weight` runs for trained tasks only."""
+    from tasks_mtl.tfidf import choose_own_weights
+
+    cfg, _, model = fitted
+    head = model.heads["sentiment"]
+    head.own_weight.fill_(0.25)
+    only_nsp = cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"stages": [cfg.training.stages[1].model_copy(update={"tasks": ["nsp"]})]})})
+    try:
+        assert choose_own_weights(only_nsp, model, None) == {}  # nothing read, nothing tokenized
+        assert float(head.own_weight) == 0.25
+        assert set(choose_own_weights(cfg, model, load_tokenizer_of(cfg))) == {"sentiment"}
+    finally:
+        head.own_weight.fill_(1.0)
+
+
+def load_tokenizer_of(cfg):
+    from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
+
+    return load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
