@@ -85,15 +85,20 @@ def _copy_done_stage(cfg: Config, index: int, donors: list[Config]) -> float | N
 
 def train_run(cfg: Config, budget_minutes: float | None = None, log=None,
               donors: list[Config] | None = None) -> dict[str, Any]:
-    """Train every stage of `cfg` within the budget: {checkpoint, steps_done, steps_planned, train_seconds, cut}."""
+    """Train every stage of `cfg` within the budget: {checkpoint, steps_done, steps_planned, train_seconds, cut}.
+
+    The budget starts with the first stage that is not `features_only`: a features stage is the same for every
+    entry (trained by the first, copied to the others), so counting it would take the first entry's time only."""
     from tasks_mtl.checkpoint import load_state
     from tasks_mtl.conflict import write_conflict_report
     from tasks_mtl.train import stage_steps, train_sizes, train_stage
 
-    deadline = time.time() + 60 * budget_minutes if budget_minutes else None
+    deadline = None
     checkpoint, seconds, done, cut = None, 0.0, 0, False
     planned = sum(stage_steps(cfg, s, train_sizes(cfg, s)) for s in cfg.training.stages)
     for index, stage in enumerate(cfg.training.stages):
+        if budget_minutes and deadline is None and not stage.features_only:
+            deadline = time.time() + 60 * budget_minutes
         copied = _copy_done_stage(cfg, index, donors or [])
         started = time.perf_counter()
         checkpoint = train_stage(cfg, index, log, deadline=deadline)
