@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -306,9 +307,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--warmup-steps must be at least 1 and fewer than --steps")
     began, load_before = time.perf_counter(), os.getloadavg()[0]
     quiet_libraries()
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():  # stdout: the JSON line only
-        warnings.simplefilter("ignore")
-        result = measure(args)
+    on_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the scratch dir is removed
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():  # stdout: the JSON line only
+            warnings.simplefilter("ignore")
+            result = measure(args)
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
     # another process busy on the same cores slows torch's threads far more than its share (they wait for each
     # other): a 1-minute load average well above `threads` means the figures are not this machine's
     result["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
