@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from tasks_mtl import fast_dropout
 from tasks_mtl.config import Config, TaskConfig
 from tasks_mtl.ngrams import BigramEmbedding, NgramTables, WindowFeatures, sparse_parameters, window_index
 from tasks_mtl.tasks import build_task
@@ -73,7 +74,7 @@ class MultiTaskModel(nn.Module):
     def __init__(self, bert: nn.Module, tasks: dict[str, TaskConfig], ngrams: NgramTables | None = None,
                  bigram_dim: int = 0, bigram_zero_init: bool = False, window_dim: int = 0):
         super().__init__()
-        self.bert = bert
+        self.bert = fast_dropout.install(bert)  # before `private` copies its layers
         self.task_cfgs = dict(tasks)
         self.task_types = {name: build_task(name, t) for name, t in tasks.items()}
         hidden = bert.config.hidden_size
@@ -95,6 +96,7 @@ class MultiTaskModel(nn.Module):
             n: nn.ModuleList(copy.deepcopy(bert.encoder.layer[depth - t.soft_layers:]))
             for n, t in tasks.items() if t.sharing == "soft"
         })
+        fast_dropout.install(self)  # the heads' and n-gram parts' dropouts
 
     @property
     def depth(self) -> int:

@@ -46,7 +46,7 @@ def param_groups(model: MultiTaskModel, stage: StageConfig, weight_decay: float)
 
 def make_optimizers(groups: list[dict]) -> list[torch.optim.Optimizer]:
     """AdamW for the dense groups, plus SparseAdam for the n-gram tables (only the rows a batch touches move)."""
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW([g for g in groups if g["name"] != "sparse"])]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW([g for g in groups if g["name"] != "sparse"], fused=True)]
     if any(g["name"] == "sparse" for g in groups):
         optimizers.append(torch.optim.SparseAdam([g for g in groups if g["name"] == "sparse"]))
     return optimizers
