@@ -131,7 +131,8 @@ def main() -> None:
     import torch
 
     from tasks_mtl.config import load_config
-    from tasks_mtl.predict import Predictor, model_location
+    from tasks_mtl.predict import Predictor
+    from tasks_mtl.predict_jsonl import model_location
 
     cfg = load_config(args.params)
     try:

@@ -148,9 +148,9 @@ def validate(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt 
 @app.command()
 def prepare(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt = None) -> None:
     """Build per-task train/validation/test splits (deduplicated, conflicts dropped) outside data/."""
-    from tasks_mtl.data.prepare import prepare as run_prepare
-
     from rich.table import Table
+
+    from tasks_mtl.data.prepare import prepare as run_prepare
 
     cfg = _config(params, profile, set_)
     summary = run_prepare(cfg)
@@ -158,7 +158,7 @@ def prepare(params: ParamsOpt = None, profile: ProfileOpt = None, set_: SetOpt =
     for column in ("task", "train", "validation", "test", "duplicates removed", "conflicts dropped", "capped"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, splits in summary.items():
-        total = lambda key, splits=splits: str(sum(s.get(key, 0) for s in splits.values()))  # noqa: E731
+        total = lambda key, splits=splits: str(sum(s.get(key, 0) for s in splits.values()))
         table.add_row(task, *(str(splits.get(split, {}).get("rows", 0)) for split in ("train", "validation", "test")),
                       total("duplicates_removed"), total("conflicts_dropped"), total("capped"))
     console.print(table)
@@ -241,7 +241,8 @@ def predict(
 ) -> None:
     """Predict every task for each input line. Bad lines are reported on stderr by number and skipped (exit
     code 2 when any was); status never goes into the output stream."""
-    from tasks_mtl.predict import PredictionInputError, predict_file
+    from tasks_mtl.predict import PredictionInputError
+    from tasks_mtl.predict_jsonl import predict_file
 
     cfg = _config(params, None)
     status = Console(stderr=True)
@@ -273,7 +274,7 @@ def serve(
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Serve predictions over HTTP (POST /predict, GET /health, schema at /docs); the model stays loaded."""
-    from tasks_mtl.predict import model_location
+    from tasks_mtl.predict_jsonl import model_location
     from tasks_mtl.serve import serve as run_server
 
     cfg = _config(params, None)

@@ -2,7 +2,9 @@
 
 Long inputs never crash: classification averages the class probabilities of overlapping windows;
 token tasks take each character's emissions from the window where it sits farthest from an edge,
-then decode the whole text at once (argmax, or Viterbi when the head has a CRF).
+then decode the whole text at once (argmax, or Viterbi when the head has a CRF). Tasks that cut the text into
+words (cws, pos) read each other's word boundaries before their Viterbi (`boundary_evidence`, tasks_mtl.boundaries).
+`mtl predict`'s JSONL files: tasks_mtl.predict_jsonl.
 
 Speed: everything runs under `torch.inference_mode`; texts are batched by length through the project's one
 length-batching helper (`sampling.length_batches`). One encoder pass serves every token task and, for texts whose
@@ -14,14 +16,13 @@ ones (weights int8, activations quantised per batch) for CPU serving.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from tasks_mtl import boundaries
 from tasks_mtl.checkpoint import load_checkpoint
 from tasks_mtl.model import bf16_fast
 from tasks_mtl.sampling import length_batches
@@ -151,7 +152,8 @@ class Predictor:
             lengths = enc["attention_mask"].sum(1).tolist()
             batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             shared = self._same_encoding(enc, owner, lengths, [texts[i] for i in rows]) if classify else []
-            hidden = self.hidden(tasks + (list(classify) if shared else []), batch)  # one encoder pass
+            heads = tasks + [t for t in self.evidence_tasks(tasks) if t not in tasks]  # + the boundaries they read
+            hidden = self.hidden(heads + (list(classify) if shared else []), batch)  # one encoder pass
             if shared:
                 features = torch.tensor([f for f, _ in shared], device=self.device)
                 sub = {k: v[features] for k, v in batch.items()}
@@ -171,13 +173,35 @@ class Predictor:
             present = [sorted(b) for b in best]  # per sample: its words that have a position
             features = [[b[w][1] for w in words] for b, words in zip(best, present)]
             positions = [[b[w][2] for w in words] for b, words in zip(best, present)]
-            windowed = self.model.with_window(tasks, batch)  # window features once for every token head
-            for task in tasks:
+            windowed = self.model.with_window(heads, batch)  # window features once for every token head
+            packed = {}
+            for task in heads:
                 emissions = self.model.logits(task, windowed, hidden[task]).float().cpu()  # (F, T, C)
-                decoded = self._decode(task, emissions, present, features, positions, chunk)
+                packed[task] = self._pack(emissions, present, features, positions)
+            for task in tasks:
+                decoded = self._decode(task, *self._with_evidence(task, packed), present, chunk)
                 for sample, tags in enumerate(decoded):
                     results[task][rows[sample]] = tags
         return results, shared_probs
+
+    def evidence_tasks(self, tasks: list[str]) -> list[str]:
+        """The word-cutting tasks (a CRF, word output) whose boundaries some of `tasks` read (`boundary_evidence`)."""
+        cutting = [n for n, c in self.tasks.items() if c.crf and c.output in ("words", "tagged_words")]
+        return [n for n in cutting if any(self.tasks[t].boundary_evidence > 0 and t != n for t in tasks)]
+
+    def _with_evidence(self, task: str, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """The task's packed emissions, plus the mean of the other word-cutting tasks' word-start log-odds times its
+        `boundary_evidence` (tasks_mtl.boundaries); the mask."""
+        emissions, mask = packed[task]
+        cfg = self.tasks[task]
+        others = [t for t in self.evidence_tasks([task]) if t != task and t in packed]
+        if not others or not bool(mask.any()):
+            return emissions, mask
+        odds = torch.stack([boundaries.start_log_odds(self.model.heads[t].crf, *packed[t],
+                                                      boundaries.roles(self.tasks[t].tag_set(), self.tasks[t].scheme)[0])
+                            for t in others]).mean(0).cpu()
+        start, end = boundaries.roles(cfg.tag_set(), cfg.scheme)
+        return boundaries.add_evidence(emissions, mask, odds, cfg.boundary_evidence, start, end), mask
 
     def _same_encoding(self, enc, owner: list[int], lengths: list[int], texts: list[str]) -> list[tuple[int, int]]:
         """(feature, sample) of the samples with one window whose per-character ids equal the text's own ids."""
@@ -187,19 +211,26 @@ class Predictor:
         return [(f, sample) for f, sample in enumerate(owner)
                 if windows[sample] == 1 and ids[f, : lengths[f]].tolist() == own[sample]]
 
-    def _decode(self, task: str, emissions: torch.Tensor, present: list[list[int]], features: list[list[int]],
-                positions: list[list[int]], chunk: list[list[str]]) -> list[list[str]]:
-        """Each sample's word emissions (taken from the window where the word sits farthest from an edge) decoded
-        in one batched Viterbi pass (argmax without a CRF); words without a position get the outside tag."""
-        tags = self.tasks[task].tag_set()
-        outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
-        head = self.model.heads[task]
+    @staticmethod
+    def _pack(emissions: torch.Tensor, present: list[list[int]], features: list[list[int]],
+              positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, W, C) emissions of each sample's words in order, each from the window where the word sits farthest
+        from an edge, and the (N, W) mask of the words present."""
         width = max([len(p) for p in present] + [1])
-        packed = torch.zeros(len(chunk), width, emissions.shape[-1])  # (N, W, C): each sample's words in order
-        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        packed = torch.zeros(len(present), width, emissions.shape[-1])
+        mask = torch.zeros(len(present), width, dtype=torch.bool)
         for sample, words in enumerate(present):
             packed[sample, : len(words)] = emissions[features[sample], positions[sample]]
             mask[sample, : len(words)] = True
+        return packed, mask
+
+    def _decode(self, task: str, packed: torch.Tensor, mask: torch.Tensor, present: list[list[int]],
+                chunk: list[list[str]]) -> list[list[str]]:
+        """Packed word emissions (`_pack`) decoded in one batched Viterbi pass (argmax without a CRF); words
+        without a position get the outside tag."""
+        tags = self.tasks[task].tag_set()
+        outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
+        head = self.model.heads[task]
         decodable = mask[:, 0]  # samples with at least one word (a CRF decodes those only)
         ids: list[list[int]] = [[] for _ in chunk]
         if head.crf is not None and bool(decodable.any()):
@@ -284,84 +315,3 @@ def render_tokens(text: str, spans: list[tuple[int, int, str | None]], output: s
     if output == "words":
         return [w for w, _ in pieces]
     return [[w, t if t is not None else "x"] for w, t in pieces]
-
-
-def read_requests(lines: Iterable[str]) -> tuple[list[tuple[int, dict]], list[tuple[int, str, str]]]:
-    """JSONL request lines -> (line number, record) of the good ones and (line number, line, problem) of the
-    bad ones. A record needs a non-empty string `text`; `text_pair` is a string or absent; other fields are
-    kept. A UTF-8 byte-order mark at the start is ignored; blank lines are skipped."""
-    rows, bad = [], []
-    for n, line in enumerate(lines, 1):
-        line = line.lstrip("\ufeff") if n == 1 else line
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            bad.append((n, line.rstrip("\n"), f"not valid JSON ({err.msg})"))
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            bad.append((n, line.rstrip("\n"), "each line needs a non-empty string field `text`"))
-        elif row.get("text_pair") is not None and not isinstance(row["text_pair"], str):
-            bad.append((n, line.rstrip("\n"), "`text_pair` must be a string"))
-        else:
-            rows.append((n, row))
-    return rows, bad
-
-
-def model_location(cfg, model_uri: str | None) -> Path:
-    """A checkpoint directory as given, else the registry's copy of a models:/ URI (default: the champion)."""
-    if model_uri and Path(model_uri).is_dir():
-        return Path(model_uri)
-    from tasks_mtl.registry import resolve_model_dir
-
-    return resolve_model_dir(cfg, model_uri)
-
-
-def predict_file(cfg, input: str | Path, output: str | Path, model_uri: str | None = None, batch_size: int = 32,
-                 errors: Path | None = None, chunk: int = 512,
-                 quantize: bool = False, precision: str = "auto") -> tuple[int, list[tuple[int, str, str]]]:
-    """`mtl predict`: JSONL in, JSONL out (`-` = stdin / stdout), every input field kept and one key per task
-    added; the model is a checkpoint dir or a registry URI (default champion). Bad lines are skipped and
-    returned as (line number, line, problem), and written to `errors` as JSONL when given. A progress bar
-    goes to stderr when it is a terminal; `quantize` loads the model with int8 Linear layers (`quantize_linear`),
-    `precision` is the Predictor's.
-    Returns (records written, bad lines)."""
-    import contextlib
-    import io
-    import sys
-
-    if str(input) == "-":
-        lines = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig").read().splitlines()
-    else:
-        lines = Path(input).read_text(encoding="utf-8-sig").splitlines()
-    rows, bad = read_requests(lines)
-    if errors is not None:
-        errors.parent.mkdir(parents=True, exist_ok=True)
-        errors.write_text("".join(json.dumps({"line": n, "error": why, "input": raw}, ensure_ascii=False) + "\n"
-                                  for n, raw, why in bad), encoding="utf-8")
-    predictor = (Predictor.from_dir(model_location(cfg, model_uri), batch_size=batch_size, quantize=quantize,
-                                    precision=precision) if rows else None)
-    with contextlib.ExitStack() as stack:
-        if str(output) == "-":
-            fh = sys.stdout
-        else:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            fh = stack.enter_context(Path(output).open("w", encoding="utf-8"))
-        progress = None
-        if sys.stderr.isatty() and len(rows) > chunk:
-            from rich.console import Console
-            from rich.progress import Progress
-
-            progress = stack.enter_context(Progress(console=Console(stderr=True), transient=True))
-            bar = progress.add_task("predicting", total=len(rows))
-        for i in range(0, len(rows), chunk):
-            part = [row for _, row in rows[i:i + chunk]]
-            pairs = [row.get("text_pair") for row in part]
-            records = predictor.predict([row["text"] for row in part], pairs if any(p is not None for p in pairs) else None)
-            for row, record in zip(part, records):
-                fh.write(json.dumps(row | record, ensure_ascii=False) + "\n")
-            if progress is not None:
-                progress.update(bar, advance=len(part))
-        fh.flush()
-    return len(rows), bad

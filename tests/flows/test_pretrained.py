@@ -189,7 +189,7 @@ def test_pretrained_stages_freeze_then_evaluate_register_and_predict(bert_projec
     from tasks_mtl.gates import evaluate_gates
     from tasks_mtl.model import new_model
     from tasks_mtl.ngrams import NgramTables
-    from tasks_mtl.predict import predict_file
+    from tasks_mtl.predict_jsonl import predict_file
     from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
     from tasks_mtl.train import train_stage
 

@@ -1,0 +1,67 @@
+"""Word boundaries shared between the token tasks that cut the same text into words (cws, pos).
+
+Each such task's CRF gives, for every character, the probability that a word starts there (the sum of the
+forward-backward marginals of its start tags: B and S, B-* for BIO). A task with `boundary_evidence` w > 0 reads
+the others' start log-odds before its Viterbi: +w/2 on its start tags and -w/2 on its inside tags at that
+character, and, in a scheme with end tags (BMES, BIOES), the same for "a word ends here" (the next character
+starts one; the text's end always does). Each head was trained alone on the shared encoding, so the other task's
+view of where the words are is a second opinion: on the default model's validation split cws F1 went 0.9656 ->
+0.9685 with pos's evidence at w = 1, pos word+tag F1 0.9325 -> 0.9334 with cws's at w = 0.5 (the weights in
+`tasks_mtl.config`). Decoding only: training is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CLAMP = 1e-6  # probabilities are kept in [CLAMP, 1 - CLAMP] before the log-odds
+SENTENCE_END = 20.0  # the log-odds that a word ends at the text's last character (it does)
+
+
+def roles(tags: list[str], scheme: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per tag, +1 / -1 / 0: whether it starts a word, continues one, or neither (O); and the same for ending a
+    word in schemes with end tags (None for BIO, where the next character's tag says it)."""
+    prefixes = [tag.partition("-")[0] for tag in tags]
+    start = torch.tensor([1.0 if p in ("B", "S") else -1.0 if p in ("I", "M", "E") else 0.0 for p in prefixes])
+    if scheme == "bio":
+        return start, None
+    end = torch.tensor([1.0 if p in ("E", "S") else -1.0 if p in ("B", "I", "M") else 0.0 for p in prefixes])
+    return start, end
+
+
+def marginals(crf, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) tag marginals of a linear-chain CRF (torchcrf's parameters) by forward-backward in log space;
+    `mask` (B, T) marks each row's characters, left-aligned. Padding positions get arbitrary values."""
+    emissions, mask = emissions.to(crf.transitions.device).float(), mask.to(crf.transitions.device)
+    trans = crf.transitions[None]  # (1, C, C): from -> to
+    length = emissions.shape[1]
+    alphas = [crf.start_transitions + emissions[:, 0]]
+    for t in range(1, length):
+        step = torch.logsumexp(alphas[-1][:, :, None] + trans, dim=1) + emissions[:, t]
+        alphas.append(torch.where(mask[:, t, None], step, alphas[-1]))
+    end = crf.end_transitions[None].expand_as(alphas[0])
+    betas = [end]
+    for t in range(length - 2, -1, -1):
+        step = torch.logsumexp(trans + (emissions[:, t + 1] + betas[-1])[:, None, :], dim=2)
+        betas.append(torch.where(mask[:, t + 1, None], step, end))
+    alpha, beta = torch.stack(alphas, 1), torch.stack(betas[::-1], 1)
+    log_z = torch.logsumexp(alphas[-1] + end, dim=1)  # alpha is carried through the padding
+    return torch.exp(alpha + beta - log_z[:, None, None])
+
+
+def start_log_odds(crf, emissions: torch.Tensor, mask: torch.Tensor, start_role: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-odds that a word starts at each character, from one task's CRF."""
+    p = (marginals(crf, emissions, mask) * (start_role > 0).to(emissions.device)).sum(-1).clamp(CLAMP, 1 - CLAMP)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def add_evidence(emissions: torch.Tensor, mask: torch.Tensor, log_odds: torch.Tensor, weight: float,
+                 start_role: torch.Tensor, end_role: torch.Tensor | None) -> torch.Tensor:
+    """The emissions with `weight` x the start (and end) log-odds added by tag role (see the module's text)."""
+    device = emissions.device
+    out = emissions + weight / 2 * log_odds[..., None] * start_role.to(device)
+    if end_role is None:
+        return out
+    ends = torch.cat([log_odds[:, 1:], torch.full_like(log_odds[:, :1], SENTENCE_END)], dim=1)
+    ends = torch.where(torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1), ends, SENTENCE_END)
+    return out + weight / 2 * ends[..., None] * end_role.to(device)
