@@ -12,16 +12,18 @@ view of where the words are is a second opinion: on the default model's validati
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 CLAMP = 1e-6  # probabilities are kept in [CLAMP, 1 - CLAMP] before the log-odds
 SENTENCE_END = 20.0  # the log-odds that a word ends at the text's last character (it does)
 
 
-def roles(tags: list[str], scheme: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per tag, +1 / -1 / 0: whether it starts a word, continues one, or neither (O); and the same for ending a
-    word in schemes with end tags (None for BIO, where the next character's tag says it)."""
-    prefixes = [tag.partition("-")[0] for tag in tags]
+@functools.lru_cache(maxsize=64)
+def _roles(tags: tuple[str, ...], scheme: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    prefixes = [tag.partition("-")[0] for tag in tags]  # cached: prediction asks for each sentence batch
     start = torch.tensor([1.0 if p in ("B", "S") else -1.0 if p in ("I", "M", "E") else 0.0 for p in prefixes])
     if scheme == "bio":
         return start, None
@@ -29,29 +31,43 @@ def roles(tags: list[str], scheme: str) -> tuple[torch.Tensor, torch.Tensor | No
     return start, end
 
 
+def roles(tags: list[str], scheme: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per tag, +1 / -1 / 0: whether it starts a word, continues one, or neither (O); and the same for ending a
+    word in schemes with end tags (None for BIO, where the next character's tag says it)."""
+    return _roles(tuple(tags), scheme)
+
+
 def marginals(crf, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) tag marginals of a linear-chain CRF (torchcrf's parameters) by forward-backward in log space;
-    `mask` (B, T) marks each row's characters, left-aligned. Padding positions get arbitrary values."""
-    emissions, mask = emissions.to(crf.transitions.device).float(), mask.to(crf.transitions.device)
-    trans = crf.transitions[None]  # (1, C, C): from -> to
-    length = emissions.shape[1]
-    alphas = [crf.start_transitions + emissions[:, 0]]
+    """(B, T, C) tag marginals of a linear-chain CRF (torchcrf's parameters) by forward-backward; `mask` (B, T)
+    marks each row's characters, left-aligned; padding positions get arbitrary values. In numpy float64 and exp
+    space, each step rescaled to sum 1 (the scales cancel in each position's normalised product): a sentence
+    takes about a fifth of the time torch's per-operation overhead costs the log-space recursion."""
+    em = emissions.detach().cpu().double().numpy()
+    keep = mask.detach().cpu().numpy()[..., None]
+    start, end, trans = (t.detach().cpu().double().numpy() for t in
+                         (crf.start_transitions, crf.end_transitions, crf.transitions))
+    step = np.exp(trans - trans.max())  # (C, C): from -> to
+    local = np.exp(em - em.max(-1, keepdims=True))  # (B, T, C)
+    length = em.shape[1]
+    alpha = np.empty_like(local)
+    a = np.exp(start - start.max()) * local[:, 0]
+    alpha[:, 0] = a = a / a.sum(-1, keepdims=True)
     for t in range(1, length):
-        step = torch.logsumexp(alphas[-1][:, :, None] + trans, dim=1) + emissions[:, t]
-        alphas.append(torch.where(mask[:, t, None], step, alphas[-1]))
-    end = crf.end_transitions[None].expand_as(alphas[0])
-    betas = [end]
+        nxt = (a @ step) * local[:, t]
+        alpha[:, t] = a = np.where(keep[:, t], nxt / nxt.sum(-1, keepdims=True), a)
+    last = np.broadcast_to(np.exp(end - end.max()), a.shape)
+    beta = np.empty_like(local)
+    beta[:, -1] = b = last
     for t in range(length - 2, -1, -1):
-        step = torch.logsumexp(trans + (emissions[:, t + 1] + betas[-1])[:, None, :], dim=2)
-        betas.append(torch.where(mask[:, t + 1, None], step, end))
-    alpha, beta = torch.stack(alphas, 1), torch.stack(betas[::-1], 1)
-    log_z = torch.logsumexp(alphas[-1] + end, dim=1)  # alpha is carried through the padding
-    return torch.exp(alpha + beta - log_z[:, None, None])
+        prev = (local[:, t + 1] * b) @ step.T
+        beta[:, t] = b = np.where(keep[:, t + 1], prev / prev.sum(-1, keepdims=True), last)
+    joint = alpha * beta
+    return torch.from_numpy(joint / joint.sum(-1, keepdims=True)).float()
 
 
 def start_log_odds(crf, emissions: torch.Tensor, mask: torch.Tensor, start_role: torch.Tensor) -> torch.Tensor:
     """(B, T) log-odds that a word starts at each character, from one task's CRF."""
-    p = (marginals(crf, emissions, mask) * (start_role > 0).to(emissions.device)).sum(-1).clamp(CLAMP, 1 - CLAMP)
+    p = (marginals(crf, emissions, mask) * (start_role > 0)).sum(-1).clamp(CLAMP, 1 - CLAMP)
     return torch.log(p) - torch.log1p(-p)
 
 
