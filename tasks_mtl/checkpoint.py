@@ -39,9 +39,11 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint directory holds a file only a pickle loader reads."""
 
 
-def save_checkpoint(model, tokenizer, out: Path, max_length: int, state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(model, tokenizer, out: Path, max_length: int, state: dict[str, Any] | None = None,
+                    trained: list[str] | None = None) -> Path:
     """Write model + tokenizer (and a training `state`, for a resume save) into `out`: all into a sibling temp
-    dir, flushed, checksummed in manifest.json, then renamed into place (tasks_mtl/manifest.py)."""
+    dir, flushed, checksummed in manifest.json, then renamed into place (tasks_mtl/manifest.py). `trained`: the
+    tasks some stage has trained so far (mtl.json's `trained_tasks`; the other heads are as initialised)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -63,6 +65,8 @@ def save_checkpoint(model, tokenizer, out: Path, max_length: int, state: dict[st
         "window_dim": model.window_dim,
         "tasks": {n: t.model_dump(mode="json") for n, t in model.task_cfgs.items()},
     }
+    if trained is not None:
+        meta["trained_tasks"] = sorted(trained)
     (tmp / "mtl.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1, sort_keys=True))
     if state is not None:
         save_state(state, tmp)

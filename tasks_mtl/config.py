@@ -387,6 +387,11 @@ class Config(Strict):
         resolved = self.model_dump(mode="json", exclude={"root"})
         return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode("utf-8")).hexdigest()
 
+    def trained_tasks(self, upto: int | None = None) -> list[str]:
+        """The tasks some stage trains, of the stages up to index `upto` (all stages when None)."""
+        stages = self.training.stages if upto is None else self.training.stages[: upto + 1]
+        return sorted({t for stage in stages for t in stage.task_names(self.tasks)})
+
     def path(self, p: Path | str) -> Path:
         """Resolve a configured path against the run root."""
         p = Path(p)

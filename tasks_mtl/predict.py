@@ -71,6 +71,7 @@ class Predictor:
         self.window = min(meta["max_length"], model.bert.config.max_position_embeddings)
         self.stride = min(STRIDE, self.window // 4)
         self.tasks = model.task_cfgs
+        self.trained = set(meta.get("trained_tasks") or self.tasks)  # checkpoints before the key: every head
         quantized = any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
         if quantized and precision == "bf16":
             raise ValueError("precision bf16 and int8 Linear layers (quantize) exclude each other")
@@ -185,8 +186,10 @@ class Predictor:
         return results, shared_probs
 
     def evidence_tasks(self, tasks: list[str]) -> list[str]:
-        """The word-cutting tasks (a CRF, word output) whose boundaries some of `tasks` read (`boundary_evidence`)."""
-        cutting = [n for n, c in self.tasks.items() if c.crf and c.output in ("words", "tagged_words")]
+        """The word-cutting tasks (a CRF, word output) whose boundaries some of `tasks` read (`boundary_evidence`);
+        only trained heads give evidence (a single-task run's checkpoint carries the others untrained)."""
+        cutting = [n for n, c in self.tasks.items()
+                   if c.crf and c.output in ("words", "tagged_words") and n in self.trained]
         return [n for n in cutting if any(self.tasks[t].boundary_evidence > 0 and t != n for t in tasks)]
 
     def _with_evidence(self, task: str, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]):

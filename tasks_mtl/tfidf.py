@@ -191,7 +191,7 @@ def choose_own_weights(cfg, model, tokenizer) -> dict[str, dict]:
     from tasks_mtl.data.prepare import read_split
     from tasks_mtl.tasks import build_task
 
-    trained = {t for stage in cfg.training.stages for t in stage.task_names(cfg.tasks)}
+    trained = cfg.trained_tasks()
     report = {}
     for task, task_cfg in model.task_cfgs.items():
         if not (task_cfg.tfidf and task_cfg.tfidf_select) or task not in trained:

@@ -304,7 +304,7 @@ def finish_stage(cfg: Config, index: int, model: MultiTaskModel, tokenizer, done
     if ranks.is_main:
         if index == len(cfg.training.stages) - 1:  # the model that ships: its TF-IDF heads' mix, on validation
             done = done | {"own_weight": choose_own_weights(cfg, model, tokenizer)}
-        save_checkpoint(model, tokenizer, out, cfg.encoder.max_length)
+        save_checkpoint(model, tokenizer, out, cfg.encoder.max_length, trained=cfg.trained_tasks(index))
         (out / "done.json").write_text(json.dumps(done))
         discard_resume(out.with_name(out.name + ".resume"))
     ranks.barrier()

@@ -69,6 +69,7 @@ def _predictor(weight: float) -> Predictor:
     predictor.model = SimpleNamespace(heads={"cws": SimpleNamespace(crf=_crf(4, 1)),
                                              "pos": SimpleNamespace(crf=_crf(5, 2)),
                                              "ner": SimpleNamespace(crf=_crf(3, 3))})
+    predictor.trained = set(predictor.tasks)
     return predictor
 
 
@@ -91,3 +92,28 @@ def test_a_task_that_weighs_the_evidence_heavily_cuts_where_the_other_does():
     assert torch.equal(plain, packed["cws"][0])
     alone = [tag in (0, 3) for tag in cws_crf.decode(packed["cws"][0], mask=mask)[0]]
     assert alone != pos_start[0].tolist()  # the evidence changed a decision the cws CRF made alone
+
+
+def test_untrained_heads_give_no_evidence():
+    """A run whose stages never train pos leaves its head as initialised: cws must not read its boundaries."""
+    predictor = _predictor(1.0)
+    predictor.trained = {"cws", "ner"}
+    assert predictor.evidence_tasks(["cws"]) == []
+    packed = {"cws": (torch.randn(1, 4, 4), torch.ones(1, 4, dtype=torch.bool)),
+              "pos": (torch.randn(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))}
+    assert torch.equal(predictor._with_evidence("cws", packed)[0], packed["cws"][0])
+
+
+def test_checkpoints_record_the_tasks_their_stages_trained(tiny_tokenized, tmp_path):
+    from tasks_mtl.checkpoint import read_meta
+    from tasks_mtl.config import load_config
+    from tasks_mtl.train import train_stage
+
+    cfg = tiny_tokenized
+    stages = [{"name": "a", "tasks": ["cws"], "steps": 2}, {"name": "b", "tasks": ["ner"], "steps": 2}]
+    cfg = load_config(cfg.root / "params.yaml", overrides={"training.stages": stages,
+                                                           "training.output_dir": str(tmp_path / "ckpt")})
+    first, second = train_stage(cfg, 0), train_stage(cfg, 1)
+    assert read_meta(first)["trained_tasks"] == ["cws"]
+    assert read_meta(second)["trained_tasks"] == ["cws", "ner"]
+    assert Predictor.from_dir(second).trained == {"cws", "ner"}
