@@ -47,7 +47,7 @@ def test_dropout_scales_what_it_keeps_and_its_gradient_follows_the_same_mask(dty
     assert torch.allclose(x.grad.float(), expected, rtol=1e-2)
 
 
-def test_fast_dropout_module_is_the_identity_in_eval_and_torchs_off_the_cpu_paths():
+def test_fast_dropout_module_is_the_identity_in_eval_and_drops_in_training():
     layer = FastDropout(0.3)
     x = torch.randn(5, 6)
     assert torch.equal(layer.eval()(x), x)
