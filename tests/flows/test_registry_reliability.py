@@ -223,15 +223,16 @@ def slow(cfg, alias):  # widen the window between reading the champion and repla
     found = real(cfg, alias)
     if alias == registry.CHAMPION and not waited and sys._getframe(1).f_code.co_name == "_promote":
         waited.append(True)  # _promote's read of the champion it replaces (promote holds the lock around it)
-        if os.environ.get("NO_LOCK"):  # the control: both read the champion before either moves it, every time
-            (out / f"read-{me}").touch()
-            deadline = time.time() + 600  # the other's register can take minutes on a loaded 2-core box (SQLite)
-            while not all((out / f"read-{n}").exists() for n in "ab") and time.time() < deadline:
+        if os.environ.get("NO_LOCK"):  # the control: both read the champion before either moves it, every time,
+            (out / f"read-{me}").touch()  # then a moves it and b after a is done (no two alias writes at once)
+            wait_for = [out / f"read-{n}" for n in "ab"] + ([out / "done-a.json"] if me == "b" else [])
+            while not all(path.exists() for path in wait_for):
                 time.sleep(0.02)
         else:
             time.sleep(2.5)
     return found
 registry._version_by_alias = slow
+real_lock = registry.registry_lock
 if os.environ.get("NO_LOCK"):
     registry.registry_lock = lambda cfg, on_wait=None: nullcontext()
 
@@ -240,8 +241,9 @@ while not (out / "go").exists():
     time.sleep(0.02)
 with registry.registry_lock(cfg):  # the flow's critical section: register, then promote
     entered = time.time()
-    version = registry.log_and_register(cfg, Path(sys.argv[4]), {"sentiment": {"accuracy": 0.8}},
-                                        {"passed": True, "decision": "promote", "gates": []})
+    with real_lock(cfg):  # registering stays serial in the control too: only the promotion races there
+        version = registry.log_and_register(cfg, Path(sys.argv[4]), {"sentiment": {"accuracy": 0.8}},
+                                            {"passed": True, "decision": "promote", "gates": []})
     registry.promote(cfg, version, reason=f"run {me}")
     left = time.time()
 (out / f"done-{me}.json").write_text(json.dumps({"version": version, "entered": entered, "left": left}))
@@ -265,8 +267,14 @@ def _race(cfg, checkpoint: Path, tmp_path: Path, lock: bool) -> list[dict]:
         assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
         time.sleep(0.05)
     (out / "go").touch()
+    deadline = time.time() + 900  # a child that fails ends the race at once: the other may wait for it forever
+    while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+        assert time.time() < deadline, "the race did not finish in 15 minutes"
+        time.sleep(0.1)
     for proc in procs:
-        output, _ = proc.communicate(timeout=900)
+        if proc.poll() is None:
+            proc.kill()
+        output, _ = proc.communicate()
         assert proc.returncode == 0, output[-3000:]
     return [json.loads((out / f"done-{name}.json").read_text()) for name in ("a", "b")]
 
