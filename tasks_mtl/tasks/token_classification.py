@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,30 @@ def pack_first_pieces(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     packed = values.gather(1, index)  # (B, W, ...)
     mask = torch.arange(width, device=values.device)[None, :] < counts[:, None]  # (B, W)
     return packed, mask
+
+
+def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitions: np.ndarray,
+            mask: np.ndarray) -> list[list[int]]:
+    """Best tag path of each sample under a linear-chain CRF: `emissions` (T, B, C) time first, `mask` (T, B)
+    left-aligned; torchcrf's parameters (`transitions[from, to]`). Returns each sample's tags up to its end."""
+    length, size = mask.shape
+    score = start + emissions[0]  # (B, C)
+    history = np.empty((max(length - 1, 0), size, emissions.shape[2]), dtype=np.intp)
+    whole = mask.all(1)
+    for i in range(1, length):
+        candidates = score[:, :, None] + transitions  # (B, from, to)
+        history[i - 1] = candidates.argmax(1)
+        best = candidates.max(1) + emissions[i]
+        score = best if whole[i] else np.where(mask[i][:, None], best, score)
+    last = (score + end).argmax(1)  # (B,): each sample's best final tag
+    ends = mask.sum(0) - 1  # (B,): each sample's last position
+    tag, paths, rows = last, np.empty((length, size), dtype=np.intp), np.arange(size)
+    for t in range(length - 1, -1, -1):  # positions past a sample's end hold ignored tags
+        tag = np.where(ends == t, last, tag)
+        paths[t] = tag
+        if t:
+            tag = history[t - 1][rows, tag]
+    return [row[: end + 1] for row, end in zip(paths.T.tolist(), ends.tolist())]
 
 
 @functools.cache  # one class for every head (torchcrf is imported only when a task uses a CRF)
@@ -73,25 +98,13 @@ def _crf_class():
             return torch.logsumexp(score + self.end_transitions, dim=1)
 
         def _viterbi_decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-            """torchcrf's Viterbi with the trace-back done for the whole batch at once (one gather per position)
-            instead of per sample and position through `.item()`: the same paths (the best previous tag is
-            taken before the emission is added, which does not change it), several times faster for short texts."""
+            """torchcrf's Viterbi (the same fp32 sums, so the same paths) in numpy on the CPU, with the trace-back
+            done for the whole batch at once: a sentence's decode costs a few numpy calls per position instead of
+            torch's per-operation overhead (about four times faster on one sentence of 89 POS tags)."""
             # emissions (T, B, C), mask (T, B), time first as in torchcrf
-            score = self.start_transitions + emissions[0]  # (B, C)
-            history = []
-            for i in range(1, emissions.size(0)):
-                best, previous = (score.unsqueeze(2) + self.transitions).max(dim=1)  # (B, C): over the previous tag
-                score = torch.where(mask[i].unsqueeze(1), best + emissions[i], score)
-                history.append(previous)
-            last = (score + self.end_transitions).argmax(dim=1)  # (B,): each sample's best final tag
-            ends = mask.long().sum(0) - 1  # (B,): each sample's last position
-            tag, paths = last, torch.empty(mask.shape, dtype=torch.long, device=emissions.device)
-            for t in range(emissions.size(0) - 1, -1, -1):  # positions past a sample's end hold ignored tags
-                tag = torch.where(ends == t, last, tag)
-                paths[t] = tag
-                if t:
-                    tag = history[t - 1].gather(1, tag.unsqueeze(1)).squeeze(1)
-            return [row[: end + 1] for row, end in zip(paths.T.tolist(), ends.tolist())]
+            return viterbi(*(t.detach().float().cpu().numpy() for t in
+                             (emissions, self.start_transitions, self.end_transitions, self.transitions)),
+                           mask.detach().cpu().numpy().astype(bool))
 
     return MatmulCRF
 
