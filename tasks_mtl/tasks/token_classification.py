@@ -46,13 +46,16 @@ def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitio
     """Best tag path of each sample under a linear-chain CRF: `emissions` (T, B, C) time first, `mask` (T, B)
     left-aligned; torchcrf's parameters (`transitions[from, to]`). Returns each sample's tags up to its end."""
     length, size = mask.shape
+    tags = emissions.shape[2]
     score = start + emissions[0]  # (B, C)
-    history = np.empty((max(length - 1, 0), size, emissions.shape[2]), dtype=np.intp)
+    history = np.empty((max(length - 1, 0), size, tags), dtype=np.intp)
     whole = mask.all(1)
+    into = np.ascontiguousarray(transitions.T)  # (to, from): numpy reduces the contiguous last axis fastest
+    offsets = np.arange(size * tags) * tags  # where each (sample, to) row of candidates starts, flattened
     for i in range(1, length):
-        candidates = score[:, :, None] + transitions  # (B, from, to)
-        history[i - 1] = candidates.argmax(1)
-        best = candidates.max(1) + emissions[i]
+        candidates = score[:, None, :] + into  # (B, to, from)
+        history[i - 1] = previous = candidates.argmax(2)
+        best = candidates.ravel()[offsets + previous.ravel()].reshape(size, tags) + emissions[i]
         score = best if whole[i] else np.where(mask[i][:, None], best, score)
     last = (score + end).argmax(1)  # (B,): each sample's best final tag
     ends = mask.sum(0) - 1  # (B,): each sample's last position
