@@ -98,7 +98,7 @@ def register() -> None:
 
 def install(module: nn.Module) -> nn.Module:
     """Swap `module`'s dropouts for `FastDropout`, and a BERT's SDPA attention for `attention`."""
-    for name, child in list(module.named_modules()):
+    for child in list(module.modules()):
         for attr, sub in list(child.named_children()):
             if type(sub) is nn.Dropout:
                 setattr(child, attr, FastDropout(sub.p, sub.inplace))
