@@ -103,7 +103,8 @@ def _crf_class():
         def _viterbi_decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
             """torchcrf's Viterbi (the same fp32 sums, so the same paths) in numpy on the CPU, with the trace-back
             done for the whole batch at once: a sentence's decode costs a few numpy calls per position instead of
-            torch's per-operation overhead (about four times faster on one sentence of 89 POS tags)."""
+            torch's per-operation overhead (one sentence of 45 characters: 0.35 ms against 0.85-0.99 ms for POS's
+            89 tags, 0.21 against 0.68-0.74 ms for cws's 4)."""
             # emissions (T, B, C), mask (T, B), time first as in torchcrf
             return viterbi(*(t.detach().float().cpu().numpy() for t in
                              (emissions, self.start_transitions, self.end_transitions, self.transitions)),
