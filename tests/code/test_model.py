@@ -119,6 +119,9 @@ def test_matmul_crf_matches_the_reference_crf(num_tags):
     for ref, got in zip(*grads):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert fast.decode(emissions, mask) == reference.decode(emissions, mask)
+    full = torch.ones(6, 9, dtype=torch.bool)  # no padding anywhere: the decode's path without the padding select
+    assert fast.decode(emissions, full) == reference.decode(emissions, full)
+    assert fast.decode(emissions[:1], full[:1]) == reference.decode(emissions[:1], full[:1])  # one sentence
 
 
 def test_the_crf_loss_stays_fp32_under_bf16_autocast():
