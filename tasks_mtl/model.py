@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from tasks_mtl import fast_dropout
+from tasks_mtl import fast_dropout, fast_encoder
 from tasks_mtl.config import Config, TaskConfig
 from tasks_mtl.ngrams import BigramEmbedding, NgramTables, WindowFeatures, sparse_parameters, window_index
 from tasks_mtl.tasks import build_task
@@ -127,7 +127,7 @@ class MultiTaskModel(nn.Module):
                                          attention_mask=batch["attention_mask"])
         states = [hidden]
         for layer in self.bert.encoder.layer[:upto]:
-            states.append(layer(states[-1], mask))
+            states.append(fast_encoder.run(layer, states[-1], mask))
         return states, mask
 
     def tasks_hidden(self, tasks: list[str], batch: dict) -> dict[str, torch.Tensor]:
@@ -142,7 +142,7 @@ class MultiTaskModel(nn.Module):
                 continue
             hidden = states[self.depth - len(private[task])]
             for layer in private[task]:
-                hidden = layer(hidden, mask)
+                hidden = fast_encoder.run(layer, hidden, mask)
             out[task] = hidden
         return out
 
