@@ -22,7 +22,8 @@ import torch
 
 from tasks_mtl.config import SPLITS, Config, TaskConfig
 from tasks_mtl.fingerprint import files_hash, fingerprint
-from tasks_mtl.predict import Predictor, lenient_spans
+from tasks_mtl.predict import Predictor
+from tasks_mtl.spans import lenient_spans
 
 PER_TYPE_LIMIT = 10  # report F1 per type only for tasks with few types (NER, not the 44 POS tags)
 SCORE_CACHE_ENTRIES = 16  # keys kept in reports/champion_scores.json: a few models x data versions

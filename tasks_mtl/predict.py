@@ -26,6 +26,7 @@ from tasks_mtl import boundaries
 from tasks_mtl.checkpoint import load_checkpoint
 from tasks_mtl.model import bf16_fast
 from tasks_mtl.sampling import length_batches
+from tasks_mtl.spans import lenient_spans, render_tokens
 
 PRECISIONS = ("auto", "bf16", "fp32")
 STRIDE = 32  # tokens of overlap between windows (at most a quarter of the window): context at the edges
@@ -33,28 +34,6 @@ STRIDE = 32  # tokens of overlap between windows (at most a quarter of the windo
 
 class PredictionInputError(ValueError):
     """A prediction request that cannot be served (missing or non-string text, bad JSON line)."""
-
-
-def lenient_spans(tags: list[str], scheme: str) -> list[tuple[int, int, str | None]]:
-    """Spans (start, end exclusive, type) from predicted tags that may be ill-formed.
-
-    B/S open a span, I/M/E continue one of the same type (or open one if none is open), E/S close it,
-    O closes. Works for BIO, BIOES and BMES, typed or not.
-    """
-    spans: list[list] = []
-    open_span = False
-    for i, tag in enumerate(tags):
-        prefix, _, kind = tag.partition("-")
-        kind = kind or None
-        if prefix == "O":
-            open_span = False
-            continue
-        if prefix in ("B", "S") or not open_span or spans[-1][2] != kind:
-            spans.append([i, i + 1, kind])
-        else:
-            spans[-1][1] = i + 1
-        open_span = prefix not in ("E", "S", "L", "U")
-    return [tuple(s) for s in spans]
 
 
 class Predictor:
@@ -140,9 +119,10 @@ class Predictor:
     def _token_pass(self, tasks: list[str], token_lists: list[list[str]], classify: list[str] = (),
                     texts: list[str] | None = None) -> tuple[dict[str, list[list[str]]], dict[str, dict[int, np.ndarray]]]:
         """Tags of the token `tasks` and, from the same encoder pass, the class probabilities of the single-text
-        `classify` tasks for every text (`texts[i]` is `token_lists[i]` joined) that fits one window and whose
-        own encoding is the per-character one (no multi-character piece: most Chinese text). Returns the tags and
-        {task: {row: probabilities}} of the rows it classified; `class_probs` does the others."""
+        `classify` tasks for every text (`texts[i]` is `token_lists[i]` joined) that fits one window: a text whose
+        own encoding is the per-character one (no multi-character piece: most Chinese text) is classified from its
+        token row, any other joins the pass as a row of its own encoding. Returns the tags and {task: {row:
+        probabilities}} of the rows it classified; `class_probs` does the others (texts longer than a window)."""
         results: dict[str, list[list[str]]] = {task: [[] for _ in token_lists] for task in tasks}
         shared_probs: dict[str, dict[int, np.ndarray]] = {task: {} for task in classify}
         for rows in self.batches_by_length([len(t) for t in token_lists]):
@@ -152,16 +132,21 @@ class Predictor:
             owner = enc["overflow_to_sample_mapping"].tolist()
             lengths = enc["attention_mask"].sum(1).tolist()
             batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            shared = self._same_encoding(enc, owner, lengths, [texts[i] for i in rows]) if classify else []
             heads = tasks + [t for t in self.evidence_tasks(tasks) if t not in tasks]  # + the boundaries they read
-            hidden = self.hidden(heads + (list(classify) if shared else []), batch)  # one encoder pass
-            if shared:
-                features = torch.tensor([f for f, _ in shared], device=self.device)
-                sub = {k: v[features] for k, v in batch.items()}
+            if classify:
+                encoded, classified = self._with_own_rows(batch, enc, owner, lengths, [texts[i] for i in rows])
+            else:
+                encoded, classified = batch, []
+            hidden = self.hidden(heads + (list(classify) if classified else []), encoded)  # one encoder pass
+            if classified:
+                take = torch.tensor([row for row, _ in classified], device=self.device)
+                sub = {k: v[take] for k, v in encoded.items()}
                 for task in classify:
-                    probs = torch.softmax(self.model.logits(task, sub, hidden[task][features]).float(), -1).cpu()
-                    for (_, sample), p in zip(shared, probs.numpy()):
+                    probs = torch.softmax(self.model.logits(task, sub, hidden[task][take]).float(), -1).cpu()
+                    for (_, sample), p in zip(classified, probs.numpy()):
                         shared_probs[task][rows[sample]] = p
+                width = batch["input_ids"].shape[1]
+                hidden = {task: h[: len(owner), :width] for task, h in hidden.items()}  # the token rows
             best: list[dict[int, tuple[int, int, int]]] = [{} for _ in chunk]  # word -> (margin, feature, position)
             for f, sample in enumerate(owner):
                 previous = None
@@ -206,13 +191,31 @@ class Predictor:
         start, end = boundaries.roles(cfg.tag_set(), cfg.scheme)
         return boundaries.add_evidence(emissions, mask, odds, cfg.boundary_evidence, start, end), mask
 
-    def _same_encoding(self, enc, owner: list[int], lengths: list[int], texts: list[str]) -> list[tuple[int, int]]:
-        """(feature, sample) of the samples with one window whose per-character ids equal the text's own ids."""
+    def _with_own_rows(self, batch: dict, enc, owner: list[int], lengths: list[int],
+                       texts: list[str]) -> tuple[dict, list[tuple[int, int]]]:
+        """The token batch, plus a row of its own encoding for each text that fits one window but whose own ids are
+        not its per-character ids (all right-padded to the longest row); and (row, sample) of every text that fits
+        one window: its token row when the ids agree, else its own row."""
         windows = np.bincount(owner, minlength=len(texts))
-        own = self.tokenizer(texts, truncation=True, max_length=self.window)["input_ids"]
+        own = self.tokenizer(texts, truncation=True, max_length=self.window)
         ids = enc["input_ids"]
-        return [(f, sample) for f, sample in enumerate(owner)
-                if windows[sample] == 1 and ids[f, : lengths[f]].tolist() == own[sample]]
+        classified, extra = [], []
+        for f, sample in enumerate(owner):
+            if windows[sample] != 1:
+                continue
+            if ids[f, : lengths[f]].tolist() == own["input_ids"][sample]:
+                classified.append((f, sample))
+            else:
+                classified.append((len(owner) + len(extra), sample))
+                extra.append(sample)
+        if not extra:
+            return batch, classified
+        width = max(ids.shape[1], *(len(own["input_ids"][s]) for s in extra))
+        added = self.tokenizer.pad({k: [own[k][s] for s in extra] for k in batch}, padding="max_length",
+                                   max_length=width, return_tensors="pt")
+        pad = {"input_ids": self.tokenizer.pad_token_id}  # attention_mask, token_type_ids: 0
+        return {k: torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pad.get(k, 0)),
+                              added[k].to(self.device)]) for k, v in batch.items()}, classified
 
     @staticmethod
     def _pack(emissions: torch.Tensor, present: list[list[int]], features: list[list[int]],
@@ -302,19 +305,3 @@ def quantize_linear(model: torch.nn.Module) -> torch.nn.Module:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)  # the same deprecation, per layer
         return torch.ao.quantization.quantize_dynamic(model.cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def render_tokens(text: str, spans: list[tuple[int, int, str | None]], output: str) -> Any:
-    """Spans over characters rendered as entities, words, or (word, tag) pairs; words join to the text."""
-    if output == "spans":
-        return [{"start": s, "end": e, "type": t, "text": text[s:e]} for s, e, t in spans]
-    pieces: list[tuple[str, str | None]] = []
-    cursor = 0
-    for s, e, t in spans:
-        pieces += [(ch, None) for ch in text[cursor:s]]  # characters outside any span stand alone
-        pieces.append((text[s:e], t))
-        cursor = e
-    pieces += [(ch, None) for ch in text[cursor:]]
-    if output == "words":
-        return [w for w, _ in pieces]
-    return [[w, t if t is not None else "x"] for w, t in pieces]

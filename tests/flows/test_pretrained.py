@@ -20,7 +20,7 @@ import torch
 from tiny_project import make_tiny_project
 
 from tasks_mtl.config import load_config, pretrained_stages
-from tasks_mtl.predict import lenient_spans
+from tasks_mtl.spans import lenient_spans
 
 BERT_DIR = "models/tiny-bert"  # relative: resolved against the run root, as params.yaml's paths are
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -62,7 +62,7 @@ def test_the_model_encodes_with_it_at_inference_and_with_the_layers_under_autogr
     calls = []
     for layer in model.bert.encoder.layer:
         layer.register_forward_hook(lambda *_: calls.append(1))
-    hidden, attention = _inputs(bert, padded=True)
+    _, attention = _inputs(bert, padded=True)
     ids = torch.randint(1, 60, (3, 45))
     batch = {"input_ids": ids, "attention_mask": attention}
     with torch.inference_mode():

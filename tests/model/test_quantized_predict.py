@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from tasks_mtl.cli import app
 from tasks_mtl.predict import Predictor
+from tasks_mtl.spans import lenient_spans, render_tokens
 from tasks_mtl.tokenization import tokenize
 from tasks_mtl.train import train_stage
 
@@ -117,17 +118,28 @@ def test_one_encoder_pass_serves_the_token_tasks_and_sentiment(checkpoint, monke
     assert [r["sentiment"]["label"] for r in records] == [predictor.tasks["sentiment"].labels[i] for i in alone.argmax(1)]
 
 
-def test_texts_encoded_otherwise_get_sentiments_own_pass(checkpoint, monkeypatch):
+def test_texts_encoded_otherwise_join_the_pass_as_rows_of_their_own_encoding(checkpoint, monkeypatch):
     predictor = Predictor.from_dir(checkpoint, device="cpu", precision="fp32")
-    texts = ["iPhone 12 手机很好", "张伟在北京学习", "我们" * 300]  # latin pieces; plain Chinese; longer than a window
-    own = predictor.tokenizer(texts[0])["input_ids"]
-    assert own != predictor.tokenizer(list(texts[0]), is_split_into_words=True)["input_ids"]  # the premise
+    # latin pieces; plain Chinese; longer than a window; latin again, in the shorter length batch
+    texts = ["iPhone 12 手机很好", "张伟在北京学习", "我们" * 300, "OK 好"]
+    for text in (texts[0], texts[3]):
+        own = predictor.tokenizer(text)["input_ids"]
+        assert own != predictor.tokenizer(list(text), is_split_into_words=True)["input_ids"]  # the premise
+    token_tasks = [n for n, c in predictor.tasks.items() if c.type == "token_classification"]
     alone = predictor.class_probs("sentiment", texts)
+    tags = predictor.tasks_token_tags(token_tasks, [list(t) for t in texts])  # no sentiment: no rows added
     passes = _count_passes(predictor, monkeypatch)
+    monkeypatch.setattr(predictor, "batch_size", 2)  # two length batches, each with a row of its own encoding
     records = predictor.predict(texts)
     assert [r["sentiment"]["score"] for r in records] == pytest.approx(alone.max(1), abs=1e-5)
-    assert passes.count(["sentiment"]) >= 1  # the first and the last text went through class_probs
-    assert sum("sentiment" in p and "ner" in p for p in passes) == 1
+    assert [r["sentiment"]["label"] for r in records] == [predictor.tasks["sentiment"].labels[i] for i in alone.argmax(1)]
+    readers = sorted(token_tasks + ["sentiment"])
+    assert passes.count(readers) == 2  # one pass per length batch serves the tags and three sentiments
+    assert passes.count(["sentiment"]) == 1  # only the text longer than a window has a pass of its own
+    for name in token_tasks:  # the added rows change no tag
+        cfg = predictor.tasks[name]
+        assert [r[name] for r in records] == [render_tokens(t, lenient_spans(tags[name][i], cfg.scheme), cfg.output)
+                                              for i, t in enumerate(texts)]
 
 
 def test_bf16_runs_only_the_layers_in_bf16_and_agrees_with_fp32(checkpoint):

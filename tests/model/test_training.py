@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from tasks_mtl.checkpoint import load_checkpoint
 from tasks_mtl.cli import app
-from tasks_mtl.predict import PredictionInputError, Predictor, lenient_spans
+from tasks_mtl.predict import PredictionInputError, Predictor
+from tasks_mtl.spans import lenient_spans
 from tasks_mtl.tokenization import tokenize
 from tasks_mtl.train import stage_dir, train_stage
 
