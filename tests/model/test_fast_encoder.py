@@ -51,6 +51,8 @@ def test_it_gives_the_layers_outputs_bit_for_bit(dtype, padded, rows):
         got = _hidden_states(bert, hidden, attention, fast=True)
     for e, g in zip(expected, got):
         assert g.dtype == e.dtype and torch.equal(g, e)
+    if dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():  # the prepacked weights were used
+        assert all(m.packed for layer in bert.encoder.layer for m in fast_encoder._prepared(layer))
 
 
 def test_the_model_encodes_with_it_at_inference_and_with_the_layers_under_autograd():
@@ -96,7 +98,7 @@ def test_it_follows_weight_changes_and_dtype_casts():
         low = hidden.to(torch.bfloat16)
         assert fast_encoder.forward(layer, low, mask).dtype == torch.bfloat16
         assert torch.equal(fast_encoder.forward(layer, low, mask), layer(low, mask))
-    assert "_mtl_qkv" not in "".join(bert.state_dict())  # the cache is no parameter or buffer: never saved
+    assert "_mtl_prepared" not in "".join(bert.state_dict())  # the cache is no parameter or buffer: never saved
 
 
 def test_it_steps_aside_for_int8_layers_and_eager_attention():
