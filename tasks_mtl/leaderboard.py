@@ -76,9 +76,10 @@ def _copy_done_stage(cfg: Config, index: int, donors: list[Config]) -> float | N
     for donor in donors:
         if is_done(donor, index) and stage_key(donor, index) == key:
             shutil.copytree(stage_dir(donor, index), stage_dir(cfg, index))
-            if stage_log(donor, index).exists():  # its curves belong to this run too
-                shutil.copy2(stage_log(donor, index), stage_log(cfg, index))
-            timing = stage_timing(donor, index)
+            for record in (stage_log, stage_timing):  # its curves and wall time belong to this run too (and to
+                if record(donor, index).exists():  # a later entry that copies the stage from this one)
+                    shutil.copy2(record(donor, index), record(cfg, index))
+            timing = stage_timing(cfg, index)
             return float(json.loads(timing.read_text())["seconds"]) if timing.exists() else 0.0
     return None
 

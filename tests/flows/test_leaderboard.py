@@ -96,3 +96,30 @@ def test_the_budget_leaves_out_the_shared_features_stage(tmp_path):
     (row,) = board["rows"]
     assert row["cut"] and row["steps_planned"] == 3 + 4
     assert row["steps_done"] == 3 + 1  # the features stage whole, then the budget: one joint step
+
+
+def test_a_copied_stage_keeps_its_curves_and_wall_time_for_the_next_entry_that_copies_it(tmp_path, monkeypatch):
+    """Entries share a finished stage (the features stage) by copying it; the copy carries the stage's log and
+    timing record, so an entry that copies it from an earlier copy still counts the stage's real seconds."""
+    from tiny_project import make_tiny_project
+
+    from tasks_mtl import train
+    from tasks_mtl.leaderboard import _copy_done_stage
+    from tasks_mtl.runlog import stage_dir, stage_log, stage_timing
+
+    first, second, third = (make_tiny_project(tmp_path / name) for name in ("a", "b", "c"))
+    done = {str(first.root)}
+    monkeypatch.setattr(train, "is_done", lambda cfg, index: str(cfg.root) in done)
+    monkeypatch.setattr(train, "stage_key", lambda cfg, index: f"stage-{index}")  # the same stage for all three
+    stage_dir(first, 0).mkdir(parents=True)
+    (stage_dir(first, 0) / "done.json").write_text("{}")
+    stage_log(first, 0).write_text("step,loss\n1,0.5\n")
+    stage_timing(first, 0).write_text(json.dumps({"seconds": 42.5}))
+
+    assert _copy_done_stage(second, 0, [first]) == 42.5
+    done.add(str(second.root))
+    assert stage_log(second, 0).read_text() == "step,loss\n1,0.5\n"
+    assert json.loads(stage_timing(second, 0).read_text())["seconds"] == 42.5
+    assert _copy_done_stage(third, 0, [second]) == 42.5  # copied from a copy: still the stage's own seconds
+    assert (stage_dir(third, 0) / "done.json").exists()
+    assert _copy_done_stage(first, 0, [second]) == 0.0  # a finished stage is not copied over
