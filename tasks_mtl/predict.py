@@ -27,6 +27,7 @@ import torch
 from tasks_mtl import boundaries
 from tasks_mtl.checkpoint import load_checkpoint
 from tasks_mtl.model import bf16_fast
+from tasks_mtl.quantize import quantize_linear
 from tasks_mtl.sampling import length_batches
 from tasks_mtl.spans import lenient_spans, render_tokens
 
@@ -197,7 +198,8 @@ class Predictor:
                        texts: list[str]) -> tuple[dict, list[tuple[int, int]]]:
         """The token batch, plus a row of its own encoding for each text that fits one window but whose own ids are
         not its per-character ids (all right-padded to the longest row); and (row, sample) of every text that fits
-        one window: its token row when the ids agree, else its own row."""
+        one window: its token row when the ids agree, else its own row. Not with int8 layers: they quantise each
+        batch's activations by its range, so an added row would change the token rows' emissions."""
         windows = np.bincount(owner, minlength=len(texts))
         own = self.tokenizer(texts, truncation=True, max_length=self.window)
         ids = enc["input_ids"]
@@ -207,7 +209,7 @@ class Predictor:
                 continue
             if ids[f, : lengths[f]].tolist() == own["input_ids"][sample]:
                 classified.append((f, sample))
-            else:
+            elif self.precision != "int8":  # int8 layers quantise activations per batch: a row would move the tags
                 classified.append((len(owner) + len(extra), sample))
                 extra.append(sample)
         if not extra:
@@ -295,15 +297,3 @@ class Predictor:
         labels = self.tasks[task].labels
         for i, p in zip(rows, probs):
             records[i][task] = {"label": labels[int(p.argmax())], "score": round(float(p.max()), 6)}
-
-
-def quantize_linear(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with every nn.Linear replaced by a dynamically quantised int8 one (CPU inference only;
-    embeddings, LayerNorm and the CRF stay fp32). torch.ao.quantization is deprecated in favour of torchao,
-    which this project does not install; the call still works in the pinned torch."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)  # the same deprecation, per layer
-        return torch.ao.quantization.quantize_dynamic(model.cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)

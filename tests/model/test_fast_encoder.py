@@ -102,7 +102,7 @@ def test_it_follows_weight_changes_and_dtype_casts():
 
 
 def test_it_steps_aside_for_int8_layers_and_eager_attention():
-    from tasks_mtl.predict import quantize_linear
+    from tasks_mtl.quantize import quantize_linear
 
     quantized = quantize_linear(_bert())
     eager = _bert(attn="eager")
