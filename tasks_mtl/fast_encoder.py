@@ -17,6 +17,7 @@ their weights or biases changes (its storage or its version counter); nothing is
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -59,9 +60,16 @@ class _Linear(NamedTuple):
 def _pack(weight: torch.Tensor, bias: torch.Tensor) -> _Linear:
     """A bf16 weight on a CPU is reordered once into oneDNN's blocked layout, the one `F.linear` reorders it into on
     every call (same kernel, so the same numbers; the tests compare): 10-40 us less per matmul for one sentence."""
-    packed = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-              and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    packed = (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and _onednn_bf16())
     return _Linear(torch.ops.mkldnn._reorder_linear_weight(weight) if packed else weight, bias, packed)
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls here (where it does not, `F.linear` takes another kernel: no packing)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+            and hasattr(ops, "_reorder_linear_weight") and bool(ops._is_mkldnn_bf16_supported()))
 
 
 def _prepared(layer: nn.Module) -> tuple[_Linear, _Linear, _Linear, _Linear]:
