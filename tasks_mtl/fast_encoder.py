@@ -8,7 +8,7 @@ query, key and value from one matmul over their concatenated weights: the same d
 numbers (the tests compare it with `BertLayer` bit for bit, fp32 and bf16, padded or not). bf16 weights on a
 CPU are also kept in oneDNN's blocked layout (`_pack`), which `F.linear` otherwise builds on every call.
 
-It applies only where it computes exactly what the layer would (`applies`): no autograd (`torch.no_grad`,
+It applies only where it computes exactly what the layer would (`applies`): a CPU, no autograd (`torch.no_grad`,
 `inference_mode`), eval mode, plain `nn.Linear` projections (not the int8 ones of `quantize_linear`), exact GELU,
 SDPA attention, an encoder layer (no decoder, no cross-attention), no feed-forward chunking. Anything else calls
 the layer itself, so training is untouched. The prepared matmuls are kept on the layer and rebuilt when one of
@@ -42,7 +42,9 @@ def applies(layer: nn.Module) -> bool:
             and attention.self.config._attn_implementation in ("sdpa", fast_dropout.ATTENTION)
             and act is F.gelu
             and all(type(m) is nn.Linear and m.bias is not None for m in linears)
-            and type(attention.output.LayerNorm) is nn.LayerNorm and type(output.LayerNorm) is nn.LayerNorm)
+            and type(attention.output.LayerNorm) is nn.LayerNorm and type(output.LayerNorm) is nn.LayerNorm
+            # compared with BertLayer on a CPU only: a GPU may pick another matmul algorithm for the 3H-wide QKV
+            and output.dense.weight.device.type == "cpu")
 
 
 class _Linear(NamedTuple):

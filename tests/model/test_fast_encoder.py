@@ -101,7 +101,7 @@ def test_it_follows_weight_changes_and_dtype_casts():
     assert "_mtl_prepared" not in "".join(bert.state_dict())  # the cache is no parameter or buffer: never saved
 
 
-def test_it_steps_aside_for_int8_layers_and_eager_attention():
+def test_it_steps_aside_for_int8_layers_eager_attention_and_other_devices():
     from tasks_mtl.quantize import quantize_linear
 
     quantized = quantize_linear(_bert())
@@ -110,3 +110,5 @@ def test_it_steps_aside_for_int8_layers_and_eager_attention():
         assert not any(fast_encoder.applies(layer) for layer in quantized.encoder.layer)
         assert not any(fast_encoder.applies(layer) for layer in eager.encoder.layer)
         assert fast_encoder.applies(_bert().encoder.layer[0])
+        meta = _bert().to("meta")  # another device than the CPU it was compared on
+        assert not fast_encoder.applies(meta.encoder.layer[0])
