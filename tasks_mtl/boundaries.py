@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
+
+from tasks_mtl import chain
 
 CLAMP = 1e-6  # probabilities are kept in [CLAMP, 1 - CLAMP] before the log-odds
 SENTENCE_END = 20.0  # the log-odds that a word ends at the text's last character (it does)
@@ -38,34 +39,11 @@ def roles(tags: list[str], scheme: str) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def marginals(crf, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, C) tag marginals of a linear-chain CRF (torchcrf's parameters) by forward-backward; `mask` (B, T)
-    marks each row's characters, left-aligned; padding positions get arbitrary values. In numpy float64 and exp
-    space, each step rescaled to sum 1 (the scales cancel in each position's normalised product): a sentence
-    takes about a fifth of the time torch's per-operation overhead costs the log-space recursion."""
-    em = emissions.detach().cpu().double().numpy()
-    keep = mask.detach().cpu().numpy()[..., None]
-    whole = keep.all(0)[:, 0]  # (T,): positions where no row is padding
-    start, end, trans = (t.detach().cpu().double().numpy() for t in
-                         (crf.start_transitions, crf.end_transitions, crf.transitions))
-    step = np.exp(trans - trans.max())  # (C, C): from -> to
-    local = np.exp(em - em.max(-1, keepdims=True))  # (B, T, C)
-    length = em.shape[1]
-    alpha = np.empty_like(local)
-    a = np.exp(start - start.max()) * local[:, 0]
-    alpha[:, 0] = a = a / a.sum(-1, keepdims=True)
-    for t in range(1, length):
-        nxt = (a @ step) * local[:, t]
-        nxt /= nxt.sum(-1, keepdims=True)
-        alpha[:, t] = a = nxt if whole[t] else np.where(keep[:, t], nxt, a)
-    last = np.broadcast_to(np.exp(end - end.max()), a.shape)
-    beta = np.empty_like(local)
-    beta[:, -1] = b = last
-    for t in range(length - 2, -1, -1):
-        prev = (local[:, t + 1] * b) @ step.T
-        prev /= prev.sum(-1, keepdims=True)
-        beta[:, t] = b = prev if whole[t + 1] else np.where(keep[:, t + 1], prev, last)
-    joint = alpha * beta
-    return torch.from_numpy(joint / joint.sum(-1, keepdims=True)).float()
+    """(B, T, C) tag marginals of a linear-chain CRF (torchcrf's parameters) by forward-backward, compiled
+    (tasks_mtl.chain: float64, exp space, each step rescaled); `mask` (B, T) marks each row's characters,
+    left-aligned; padding positions get 0."""
+    params = (t.detach().cpu().numpy() for t in (emissions, crf.start_transitions, crf.end_transitions, crf.transitions))
+    return torch.from_numpy(chain.marginals(*params, mask.detach().cpu().sum(1).numpy())).float()
 
 
 def start_log_odds(crf, emissions: torch.Tensor, mask: torch.Tensor, start_role: torch.Tensor) -> torch.Tensor:

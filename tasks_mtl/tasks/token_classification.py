@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 from torch import nn
 
+from tasks_mtl import chain
 from tasks_mtl.config import TaskConfig
 from tasks_mtl.ngrams import WindowTagWeights
 
@@ -39,33 +39,6 @@ def pack_first_pieces(values: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     packed = values.gather(1, index)  # (B, W, ...)
     mask = torch.arange(width, device=values.device)[None, :] < counts[:, None]  # (B, W)
     return packed, mask
-
-
-def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitions: np.ndarray,
-            mask: np.ndarray) -> list[list[int]]:
-    """Best tag path of each sample under a linear-chain CRF: `emissions` (T, B, C) time first, `mask` (T, B)
-    left-aligned; torchcrf's parameters (`transitions[from, to]`). Returns each sample's tags up to its end."""
-    length, size = mask.shape
-    tags = emissions.shape[2]
-    score = start + emissions[0]  # (B, C)
-    history = np.empty((max(length - 1, 0), size, tags), dtype=np.intp)
-    whole = mask.all(1)
-    into = np.ascontiguousarray(transitions.T)  # (to, from): numpy reduces the contiguous last axis fastest
-    offsets = np.arange(size * tags) * tags  # where each (sample, to) row of candidates starts, flattened
-    for i in range(1, length):
-        candidates = score[:, None, :] + into  # (B, to, from)
-        history[i - 1] = previous = candidates.argmax(2)
-        best = candidates.ravel()[offsets + previous.ravel()].reshape(size, tags) + emissions[i]
-        score = best if whole[i] else np.where(mask[i][:, None], best, score)
-    last = (score + end).argmax(1)  # (B,): each sample's best final tag
-    ends = mask.sum(0) - 1  # (B,): each sample's last position
-    tag, paths, rows = last, np.empty((length, size), dtype=np.intp), np.arange(size)
-    for t in range(length - 1, -1, -1):  # positions past a sample's end hold ignored tags
-        tag = np.where(ends == t, last, tag)
-        paths[t] = tag
-        if t:
-            tag = history[t - 1][rows, tag]
-    return [row[: end + 1] for row, end in zip(paths.T.tolist(), ends.tolist())]
 
 
 @functools.cache  # one class for every head (torchcrf is imported only when a task uses a CRF)
@@ -101,14 +74,12 @@ def _crf_class():
             return torch.logsumexp(score + self.end_transitions, dim=1)
 
         def _viterbi_decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-            """torchcrf's Viterbi (the same fp32 sums, so the same paths) in numpy on the CPU, with the trace-back
-            done for the whole batch at once: a sentence's decode costs a few numpy calls per position instead of
-            torch's per-operation overhead (one sentence of 45 characters: 0.35 ms against 0.85-0.99 ms for POS's
-            89 tags, 0.21 against 0.68-0.74 ms for cws's 4)."""
-            # emissions (T, B, C), mask (T, B), time first as in torchcrf
-            return viterbi(*(t.detach().float().cpu().numpy() for t in
-                             (emissions, self.start_transitions, self.end_transitions, self.transitions)),
-                           mask.detach().cpu().numpy().astype(bool))
+            """torchcrf's Viterbi (the same fp32 sums, so the same paths), compiled (tasks_mtl.chain): one sentence
+            of 45 characters in 0.03 ms against torchcrf's 0.85-0.99 ms for POS's 89 tags."""
+            # emissions (T, B, C), mask (T, B) left-aligned, time first as in torchcrf
+            return chain.viterbi(*(t.detach().float().cpu().numpy() for t in
+                                   (emissions, self.start_transitions, self.end_transitions, self.transitions)),
+                                 mask.detach().cpu().sum(0).numpy())
 
     return MatmulCRF
 
