@@ -22,8 +22,8 @@ import numpy as np
 
 
 def _viterbi_kernel(emissions, start, end, transitions, lengths):  # pragma: no cover - compiled by numba
-    # emissions (T, B, C) float32, time first; returns (B, T) tags, valid up to each row's length
-    positions, rows, size = emissions.shape
+    # emissions (B, T, C) float32; returns (B, T) tags, valid up to each row's length
+    rows, positions, size = emissions.shape
     paths = np.zeros((rows, positions), np.intp)
     back = np.empty((max(positions, 1), size), np.intp)
     score = np.empty(size, np.float32)
@@ -33,7 +33,7 @@ def _viterbi_kernel(emissions, start, end, transitions, lengths):  # pragma: no 
         if n == 0:
             continue
         for j in range(size):
-            score[j] = start[j] + emissions[0, b, j]
+            score[j] = start[j] + emissions[b, 0, j]
         for t in range(1, n):
             for j in range(size):  # candidates for each next tag j: score[i] + transitions[i, j], the first max kept
                 best[j] = score[0] + transitions[0, j]
@@ -46,7 +46,7 @@ def _viterbi_kernel(emissions, start, end, transitions, lengths):  # pragma: no 
                         best[j] = candidate
                         back[t, j] = i
             for j in range(size):
-                score[j] = best[j] + emissions[t, b, j]
+                score[j] = best[j] + emissions[b, t, j]
         tag, top = 0, score[0] + end[0]
         for j in range(1, size):
             final = score[j] + end[j]
@@ -130,7 +130,7 @@ def _kernels():
 
 def viterbi(emissions: np.ndarray, start: np.ndarray, end: np.ndarray, transitions: np.ndarray,
             lengths: np.ndarray) -> list[list[int]]:
-    """Best tag path of each sample: `emissions` (T, B, C) time first, fp32; each sample's tags up to its length."""
+    """Best tag path of each row: `emissions` (B, T, C), fp32; each row's tags up to its length (none for 0)."""
     paths = _kernels()[0](*(np.ascontiguousarray(a, dtype=np.float32) for a in (emissions, start, end, transitions)),
                           np.ascontiguousarray(lengths, dtype=np.int64))
     return [row[:n] for row, n in zip(paths.tolist(), lengths.tolist())]

@@ -37,12 +37,15 @@ FILE = "ngrams.safetensors"
 
 def ngram_keys(ids: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
     """(B, T) token ids -> (B, T) keys of the n-gram that *ends* at each position (-1 where it would
-    start before the sequence)."""
-    keys = ids.long()
-    for shift in range(1, n):
-        before = torch.nn.functional.pad(ids.long(), (shift, 0), value=-1)[:, : ids.shape[1]]  # ids[t - shift]
-        keys = torch.where(before >= 0, before * vocab ** shift + keys, torch.full_like(keys, -1))
-    return keys
+    start before the sequence): ids[t - n + 1] * vocab^(n-1) + ... + ids[t]."""
+    ids = ids.long()
+    if n == 1:
+        return ids
+    if ids.shape[1] < n:
+        return torch.full_like(ids, -1)
+    powers = vocab ** torch.arange(n - 1, -1, -1, device=ids.device)
+    grams = (ids.unfold(1, n, 1) * powers).sum(-1)  # (B, T - n + 1): the n-gram ending at t = its start + n - 1
+    return torch.nn.functional.pad(grams, (n - 1, 0), value=-1)
 
 
 class NgramTables(nn.Module):
@@ -177,19 +180,13 @@ def pair_overlap(ids: torch.Tensor, first: torch.Tensor, second: torch.Tensor, v
     return torch.stack(out, dim=1) * OVERLAP_SCALE
 
 
-def at_offset(values: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, T, ...) -> (B, T, ...) with out[:, t] = values[:, t + k], zero where t + k falls outside."""
-    if k == 0:
-        return values
+def at_offsets(values: torch.Tensor, offsets: tuple[int, ...]) -> list[torch.Tensor]:
+    """(B, T, ...) -> one (B, T, ...) tensor per offset k, with out[:, t] = values[:, t + k], zero where t + k
+    falls outside (slices of one zero-padded copy)."""
+    before, after = max(0, -min(offsets)), max(0, max(offsets))
     length = values.shape[1]
-    out = torch.zeros_like(values)
-    if abs(k) >= length:
-        return out
-    if k > 0:
-        out[:, : length - k] = values[:, k:]
-    else:
-        out[:, -k:] = values[:, : length + k]
-    return out
+    padded = torch.nn.functional.pad(values, (0, 0) * (values.dim() - 2) + (before, after))
+    return [padded[:, before + k: before + k + length] for k in offsets]
 
 
 class WindowFeatures(nn.Module):
@@ -237,10 +234,8 @@ def window_index(tables: NgramTables, ids: torch.Tensor, mask: torch.Tensor) -> 
     tokens = (ids.long() + 1) * real
     bigrams = tables.lookup(ids, 2) * real
     trigrams = tables.lookup(ids, 3) * real
-    slots = [at_offset(tokens, k) for k in WindowFeatures.UNIGRAMS]
-    slots += [at_offset(bigrams, k) for k in WindowFeatures.BIGRAM_ENDS]
-    slots.append(at_offset(trigrams, 1))
-    return torch.stack(slots, dim=-1)
+    slots = at_offsets(tokens, WindowFeatures.UNIGRAMS) + at_offsets(bigrams, WindowFeatures.BIGRAM_ENDS)
+    return torch.stack(slots + at_offsets(trigrams, (1,)), dim=-1)
 
 
 class WindowTagWeights(nn.Module):

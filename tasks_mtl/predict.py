@@ -241,13 +241,9 @@ class Predictor:
         tags = self.tasks[task].tag_set()
         outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
         head = self.model.heads[task]
-        decodable = mask[:, 0]  # samples with at least one word (a CRF decodes those only)
-        ids: list[list[int]] = [[] for _ in chunk]
-        if head.crf is not None and bool(decodable.any()):
-            paths = head.crf.decode(packed[decodable].to(self.device), mask=mask[decodable].to(self.device))
-            for sample, path in zip(decodable.nonzero().flatten().tolist(), paths):
-                ids[sample] = path
-        elif head.crf is None:
+        if head.crf is not None:  # a sample without words gets no path
+            ids = head.crf.paths(packed, mask.sum(1))
+        else:
             ids = [row[: len(words)] for row, words in zip(packed.argmax(-1).tolist(), present)]
         out = []
         for sample, tokens in enumerate(chunk):

@@ -77,9 +77,13 @@ def _crf_class():
             """torchcrf's Viterbi (the same fp32 sums, so the same paths), compiled (tasks_mtl.chain): one sentence
             of 45 characters in 0.03 ms against torchcrf's 0.85-0.99 ms for POS's 89 tags."""
             # emissions (T, B, C), mask (T, B) left-aligned, time first as in torchcrf
-            return chain.viterbi(*(t.detach().float().cpu().numpy() for t in
-                                   (emissions, self.start_transitions, self.end_transitions, self.transitions)),
-                                 mask.detach().cpu().sum(0).numpy())
+            return self.paths(emissions.transpose(0, 1), mask.sum(0))
+
+        def paths(self, emissions: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+            """The best tag path of each row of batch-first (B, T, C) emissions over its first `lengths[b]`
+            positions (none for 0): `decode` with a left-aligned mask, without its checks and transposes."""
+            params = (emissions, self.start_transitions, self.end_transitions, self.transitions)
+            return chain.viterbi(*(t.detach().float().cpu().numpy() for t in params), lengths.cpu().numpy())
 
     return MatmulCRF
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks_mtl.ngrams import (OVERLAP_SCALE, BigramEmbedding, NgramBag, NgramTables, WindowFeatures, WindowTagWeights, at_offset,
-                              ngram_keys, pair_overlap, window_index)
+from tasks_mtl.ngrams import (OVERLAP_SCALE, BigramEmbedding, NgramBag, NgramTables, WindowFeatures, WindowTagWeights,
+                              at_offsets, ngram_keys, pair_overlap, window_index)
 from tasks_mtl.sampling import BatchOrder, build_sampler, length_batches
 from tasks_mtl.train import co_labelled_collator, co_labelled_groups, merge_features
 
@@ -18,6 +18,9 @@ def test_ngram_keys_end_at_each_position():
     ids = torch.tensor([[1, 2, 3]])
     assert ngram_keys(ids, 2, 10).tolist() == [[-1, 12, 23]]
     assert ngram_keys(ids, 3, 10).tolist() == [[-1, -1, 123]]
+    assert ngram_keys(ids, 1, 10).tolist() == [[1, 2, 3]]
+    assert ngram_keys(torch.tensor([[4, 5], [6, 0]]), 3, 10).tolist() == [[-1, -1], [-1, -1]]  # shorter than n
+    assert ngram_keys(torch.tensor([[4, 5, 0, 9]]), 3, 10).tolist() == [[-1, -1, 450, 509]]  # id 0 is a digit too
 
 
 def test_tables_keep_ngrams_seen_often_enough_and_look_them_up():
@@ -84,11 +87,12 @@ def test_pair_overlap_counts_shared_ngrams_inside_each_text_only():
     assert pair_overlap(unrelated, first, second, vocab=10)[0, 1:].tolist() == [0.0, 0.0]
 
 
-def test_at_offset_reads_the_value_k_positions_away():
+def test_at_offsets_read_the_value_k_positions_away():
     values = torch.tensor([[1, 2, 3, 4]])
-    assert at_offset(values, 2).tolist() == [[3, 4, 0, 0]]
-    assert at_offset(values, -1).tolist() == [[0, 1, 2, 3]]
-    assert at_offset(values, 0).tolist() == [[1, 2, 3, 4]] and at_offset(values, 9).tolist() == [[0, 0, 0, 0]]
+    shifted = at_offsets(values, (2, -1, 0, 9, -5))
+    assert [s.tolist() for s in shifted] == [[[3, 4, 0, 0]], [[0, 1, 2, 3]], [[1, 2, 3, 4]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]]
+    rows = torch.arange(12.0).view(1, 4, 3)  # trailing dimensions move along with their position
+    assert at_offsets(rows, (1,))[0].tolist() == [[[3, 4, 5], [6, 7, 8], [9, 10, 11], [0, 0, 0]]]
 
 
 def _window(dim: int = 3) -> WindowFeatures:

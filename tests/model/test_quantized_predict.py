@@ -92,6 +92,10 @@ def test_batched_viterbi_finds_torchcrfs_paths(tags, rows, length):
     paths = ours.decode(emissions, mask)
     assert paths == reference.decode(emissions, mask)
     assert [len(p) for p in paths] == lengths.tolist()
+    assert ours.paths(emissions, lengths) == paths  # what the Predictor calls: batch first, by lengths
+    none = torch.cat([lengths[:1], torch.zeros(1, dtype=lengths.dtype), lengths[1:]])  # a row without positions
+    emissions_with_none = torch.cat([emissions[:1], torch.randn(1, length, tags), emissions[1:]])
+    assert ours.paths(emissions_with_none, none) == [paths[0], [], *paths[1:]]
 
 
 def _count_passes(predictor, monkeypatch) -> list[list[str]]:
