@@ -326,3 +326,32 @@ def load_tokenizer_of(cfg):
     from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer
 
     return load_tokenizer(cfg.path(cfg.data.tokenized_dir) / TOKENIZER_DIR)
+
+
+def test_terms_count_each_texts_known_ngrams_once_per_column_and_ignore_padding():
+    from collections import Counter
+
+    from tasks_mtl.ngrams import NgramTables
+    from tasks_mtl.tfidf import tfidf_terms
+
+    vocab = 10
+    tables = NgramTables.build([[1, 2, 3, 1, 2], [2, 3, 4]], vocab=vocab, min_count=1)
+    ids = torch.tensor([[1, 2, 3, 1, 2, 9], [2, 3, 4, 0, 0, 0], [5, 6, 0, 0, 0, 0]])  # 9 makes unknown n-grams
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    text, column, tf = tfidf_terms(tables, vocab, ids, mask)
+    bigrams, trigrams = tables.keys2.tolist(), tables.keys3.tolist()
+    expected = Counter()
+    for row, length in enumerate(mask.sum(1).tolist()):
+        tokens = ids[row, :length].tolist()
+        for t, token in enumerate(tokens):
+            expected[row, token] += 1
+            if t >= 1 and (key := tokens[t - 1] * vocab + token) in bigrams:
+                expected[row, vocab + 1 + bigrams.index(key)] += 1
+            if t >= 2 and (key := (tokens[t - 2] * vocab + tokens[t - 1]) * vocab + token) in trigrams:
+                expected[row, vocab + tables.size(2) + 1 + trigrams.index(key)] += 1
+    got = {(int(r), int(c)): int(n) for r, c, n in zip(text, column, tf)}
+    assert got == dict(expected)
+    assert (2, 0) not in got and (1, 0) not in got  # padding (id 0) counts nowhere
+    assert got[0, 1] == 2 and got[0, vocab + 1 + bigrams.index(12)] == 2  # "1 2" twice in the first text
+    order = [(c >= vocab) + (c >= vocab + tables.size(2)) for c in column.tolist()]
+    assert order == sorted(order)  # unigrams, then bigrams, then trigrams
