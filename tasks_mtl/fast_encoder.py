@@ -29,22 +29,47 @@ from tasks_mtl import fast_dropout
 _PREPARED = "_mtl_prepared"  # attribute of a BertLayer: (key of its tensors, its four matmuls)
 
 
-def applies(layer: nn.Module) -> bool:
-    """Whether `forward` computes exactly what `layer(hidden, mask)` would, here and now."""
+class _Parts(NamedTuple):
+    """The modules of a `BertLayer` that `forward` reads."""
+    attention: nn.Module  # BertSelfAttention
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    out: nn.Module  # attention output dense
+    out_norm: nn.Module
+    inner: nn.Module  # feed-forward in
+    act: nn.Module
+    ffn: nn.Module  # feed-forward out
+    ffn_norm: nn.Module
+
+
+def _parts(layer: nn.Module) -> _Parts:
+    """Read from the modules' registries directly: `layer.attention.self.query` through `nn.Module.__getattr__`
+    costs about a microsecond a step, which made these checks cost as much as a layer's attention."""
+    children = layer._modules
+    attention, intermediate, output = (children[n]._modules for n in ("attention", "intermediate", "output"))
+    attention_self, attention_out = attention["self"], attention["output"]._modules
+    inner = attention_self._modules
+    return _Parts(attention_self, inner["query"], inner["key"], inner["value"], attention_out["dense"],
+                  attention_out["LayerNorm"], intermediate["dense"], intermediate["intermediate_act_fn"],
+                  output["dense"], output["LayerNorm"])
+
+
+def applies(layer: nn.Module) -> _Parts | None:
+    """The layer's parts when `forward` computes exactly what `layer(hidden, mask)` would, here and now; else None."""
     if layer.training or torch.is_grad_enabled():
-        return False
-    attention, output = layer.attention, layer.output
-    act = getattr(layer.intermediate.intermediate_act_fn, "act", None)
-    linears = (attention.self.query, attention.self.key, attention.self.value, attention.output.dense,
-               layer.intermediate.dense, output.dense)
-    return (not layer.is_decoder and not getattr(layer, "add_cross_attention", False)
-            and layer.chunk_size_feed_forward == 0
-            and attention.self.config._attn_implementation in ("sdpa", fast_dropout.ATTENTION)
-            and act is F.gelu
-            and all(type(m) is nn.Linear and m.bias is not None for m in linears)
-            and type(attention.output.LayerNorm) is nn.LayerNorm and type(output.LayerNorm) is nn.LayerNorm
-            # compared with BertLayer on a CPU only: a GPU may pick another matmul algorithm for the 3H-wide QKV
-            and output.dense.weight.device.type == "cpu")
+        return None
+    parts = _parts(layer)
+    linears = (parts.query, parts.key, parts.value, parts.out, parts.inner, parts.ffn)
+    exact = (not layer.is_decoder and not getattr(layer, "add_cross_attention", False)
+             and layer.chunk_size_feed_forward == 0
+             and parts.attention.config._attn_implementation in ("sdpa", fast_dropout.ATTENTION)
+             and getattr(parts.act, "act", None) is F.gelu
+             and all(type(m) is nn.Linear and m.bias is not None for m in linears)
+             and type(parts.out_norm) is nn.LayerNorm and type(parts.ffn_norm) is nn.LayerNorm
+             # compared with BertLayer on a CPU only: a GPU may pick another matmul algorithm for the 3H-wide QKV
+             and parts.ffn.weight.device.type == "cpu")
+    return parts if exact else None
 
 
 class _Linear(NamedTuple):
@@ -74,31 +99,33 @@ def _onednn_bf16() -> bool:
             and hasattr(ops, "_reorder_linear_weight") and bool(ops._is_mkldnn_bf16_supported()))
 
 
-def _prepared(layer: nn.Module) -> tuple[_Linear, _Linear, _Linear, _Linear]:
+def _prepared(layer: nn.Module, parts: _Parts) -> tuple[_Linear, _Linear, _Linear, _Linear]:
     """The layer's four matmuls (query, key and value concatenated: 3H x H; attention output; feed-forward in and
     out), cached on the layer until one of their weights or biases changes (storage, version counter, dtype)."""
-    attention = layer.attention.self
-    parts = [attention.query, attention.key, attention.value, layer.attention.output.dense,
-             layer.intermediate.dense, layer.output.dense]
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for m in parts for t in (m.weight, m.bias))
+    linears = (parts.query, parts.key, parts.value, parts.out, parts.inner, parts.ffn)
+    tensors = [t for m in linears for t in (m._parameters["weight"], m._parameters["bias"])]
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     cached = layer.__dict__.get(_PREPARED)
     if cached is None or cached[0] != key:
-        qkv = _pack(torch.cat([m.weight for m in parts[:3]]), torch.cat([m.bias for m in parts[:3]]))
-        cached = (key, (qkv, *(_pack(m.weight, m.bias) for m in parts[3:])))
+        qkv = _pack(torch.cat(tensors[0:6:2]), torch.cat(tensors[1:6:2]))
+        cached = (key, (qkv, *(_pack(m.weight, m.bias) for m in linears[3:])))
         layer.__dict__[_PREPARED] = cached  # a plain attribute: not a parameter or buffer, never saved
     return cached[1]
 
 
-def forward(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`layer(hidden, mask)` of a `BertLayer` for which `applies` holds; `mask` is the SDPA mask `encode` builds."""
-    attention = layer.attention.self
+def forward(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, parts: _Parts | None = None
+            ) -> torch.Tensor:
+    """`layer(hidden, mask)` of a `BertLayer` for which `applies` holds (`parts`: what it returned); `mask` is the
+    SDPA mask `encode` builds."""
+    parts = parts or _parts(layer)
+    attention = parts.attention
     batch, length, _ = hidden.shape
     heads, size = attention.num_attention_heads, attention.attention_head_size
-    qkv, out, inner, ffn = _prepared(layer)
+    qkv, out, inner, ffn = _prepared(layer, parts)
     q, k, v = qkv(hidden).view(batch, length, 3 * heads, size).transpose(1, 2).split(heads, 1)
     context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attention.scaling)
-    hidden = _norm(layer.attention.output.LayerNorm, out(context.transpose(1, 2).reshape(batch, length, -1)) + hidden)
-    return _norm(layer.output.LayerNorm, ffn(F.gelu(inner(hidden))) + hidden)
+    hidden = _norm(parts.out_norm, out(context.transpose(1, 2).reshape(batch, length, -1)) + hidden)
+    return _norm(parts.ffn_norm, ffn(F.gelu(inner(hidden))) + hidden)
 
 
 def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -107,4 +134,5 @@ def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 def run(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """`forward` where it `applies`, else the layer itself."""
-    return forward(layer, hidden, mask) if applies(layer) else layer(hidden, mask)
+    parts = applies(layer)
+    return forward(layer, hidden, mask, parts) if parts is not None else layer(hidden, mask)

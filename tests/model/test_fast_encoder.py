@@ -52,7 +52,7 @@ def test_it_gives_the_layers_outputs_bit_for_bit(dtype, padded, rows):
     for e, g in zip(expected, got):
         assert g.dtype == e.dtype and torch.equal(g, e)
     if dtype == torch.bfloat16 and fast_encoder._onednn_bf16():  # the prepacked weights were used (as on CI)
-        assert all(m.packed for layer in bert.encoder.layer for m in fast_encoder._prepared(layer))
+        assert all(m.packed for layer in bert.encoder.layer for m in fast_encoder._prepared(layer, fast_encoder._parts(layer)))
 
 
 def test_the_model_encodes_with_it_at_inference_and_with_the_layers_under_autograd():
