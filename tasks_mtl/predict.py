@@ -160,13 +160,12 @@ class Predictor:
                             best[sample][word] = (margin, f, pos)
                     previous = word
             present = [sorted(b) for b in best]  # per sample: its words that have a position
-            features = [[b[w][1] for w in words] for b, words in zip(best, present)]
-            positions = [[b[w][2] for w in words] for b, words in zip(best, present)]
+            layout = self._layout(best, present)
             windowed = self.model.with_window(heads, batch)  # window features once for every token head
             packed = {}
             for task in heads:
                 emissions = self.model.logits(task, windowed, hidden[task]).float().cpu()  # (F, T, C)
-                packed[task] = self._pack(emissions, present, features, positions)
+                packed[task] = self._pack(emissions, *layout)
             for task in tasks:
                 decoded = self._decode(task, *self._with_evidence(task, packed), present, chunk)
                 for sample, tags in enumerate(decoded):
@@ -222,16 +221,22 @@ class Predictor:
                               added[k].to(self.device)]) for k, v in batch.items()}, classified
 
     @staticmethod
-    def _pack(emissions: torch.Tensor, present: list[list[int]], features: list[list[int]],
-              positions: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, W, C) emissions of each sample's words in order, each from the window where the word sits farthest
-        from an edge, and the (N, W) mask of the words present."""
+    def _layout(best: list[dict[int, tuple[int, int, int]]], present: list[list[int]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where `_pack` puts each sample's words: the (N, W) mask of the words present (in order, left-aligned),
+        and for each of them, in that order, the window (feature) and position its emissions come from."""
         width = max([len(p) for p in present] + [1])
-        packed = torch.zeros(len(present), width, emissions.shape[-1])
-        mask = torch.zeros(len(present), width, dtype=torch.bool)
-        for sample, words in enumerate(present):
-            packed[sample, : len(words)] = emissions[features[sample], positions[sample]]
-            mask[sample, : len(words)] = True
+        mask = torch.arange(width)[None, :] < torch.tensor([len(p) for p in present])[:, None]
+        index = torch.tensor([b[w][1:] for b, words in zip(best, present) for w in words], dtype=torch.long)
+        return mask, *index.view(-1, 2).unbind(1)  # b[w]: (margin, feature, position)
+
+    @staticmethod
+    def _pack(emissions: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, W, C) emissions of each sample's words in order, each from the window where the word sits farthest
+        from an edge (`_layout`), zero past its words; and the (N, W) mask of the words present."""
+        packed = emissions.new_zeros(*mask.shape, emissions.shape[-1])
+        packed[mask] = emissions[features, positions]
         return packed, mask
 
     def _decode(self, task: str, packed: torch.Tensor, mask: torch.Tensor, present: list[list[int]],
