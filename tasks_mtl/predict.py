@@ -1,9 +1,9 @@
 """Prediction: `Predictor.from_dir(path).predict(texts)` returns the records of the contract.
 
 Long inputs never crash: classification averages the class probabilities of overlapping windows;
-token tasks take each character's emissions from the window where it sits farthest from an edge,
-then decode the whole text at once (argmax, or Viterbi when the head has a CRF). Tasks that cut the text into
-words (cws, pos) read each other's word boundaries before their Viterbi (`boundary_evidence`, tasks_mtl.boundaries).
+token tasks take each character's emissions from the window where it sits farthest from an edge
+(tasks_mtl.windows), then decode the whole text at once (argmax, or Viterbi when the head has a CRF). Tasks that cut
+the text into words (cws, pos) read each other's word boundaries before their Viterbi (`boundary_evidence`, tasks_mtl.boundaries).
 `mtl predict`'s JSONL files: tasks_mtl.predict_jsonl.
 
 Speed: everything runs under `torch.inference_mode`; texts are batched by length through the project's one
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks_mtl import boundaries
+from tasks_mtl import boundaries, windows
 from tasks_mtl.checkpoint import load_checkpoint
 from tasks_mtl.model import bf16_fast
 from tasks_mtl.quantize import quantize_linear
@@ -76,7 +76,9 @@ class Predictor:
 
     def hidden(self, tasks: list[str], batch: dict) -> dict[str, torch.Tensor]:
         """The fp32 hidden states (B, T, H) each task's head reads, from one encoder pass."""
-        return {task: h.float() for task, h in self.model.tasks_hidden(tasks, batch).items()}
+        states = self.model.tasks_hidden(tasks, batch)
+        cast = {id(h): h.float() for h in states.values()}  # tasks reading the same layer share one cast
+        return {task: cast[id(h)] for task, h in states.items()}
 
     @torch.inference_mode()
     def _logits(self, task: str, enc: dict) -> torch.Tensor:
@@ -142,30 +144,23 @@ class Predictor:
                 encoded, classified = batch, []
             hidden = self.hidden(heads + (list(classify) if classified else []), encoded)  # one encoder pass
             if classified:
-                take = torch.tensor([row for row, _ in classified], device=self.device)
-                sub = {k: v[take] for k, v in encoded.items()}
+                take = [row for row, _ in classified]
+                every = take == list(range(encoded["input_ids"].shape[0]))  # every row, in order: no gather
+                index = None if every else torch.tensor(take, device=self.device)
+                sub = encoded if every else {k: v[index] for k, v in encoded.items()}
                 for task in classify:
-                    probs = torch.softmax(self.model.logits(task, sub, hidden[task][take]).float(), -1).cpu()
+                    states = hidden[task] if every else hidden[task][index]
+                    probs = torch.softmax(self.model.logits(task, sub, states).float(), -1).cpu()
                     for (_, sample), p in zip(classified, probs.numpy()):
                         shared_probs[task][rows[sample]] = p
                 width = batch["input_ids"].shape[1]
                 hidden = {task: h[: len(owner), :width] for task, h in hidden.items()}  # the token rows
-            best: list[dict[int, tuple[int, int, int]]] = [{} for _ in chunk]  # word -> (margin, feature, position)
-            for f, sample in enumerate(owner):
-                previous = None
-                for pos, word in enumerate(enc.word_ids(f)):
-                    if word is not None and word != previous:
-                        margin = min(pos, lengths[f] - 1 - pos)
-                        if word not in best[sample] or margin > best[sample][word][0]:
-                            best[sample][word] = (margin, f, pos)
-                    previous = word
-            present = [sorted(b) for b in best]  # per sample: its words that have a position
-            layout = self._layout(best, present)
+            present, layout = windows.place_words(enc, owner, lengths, len(chunk))  # where each word's emissions come from
             windowed = self.model.with_window(heads, batch)  # window features once for every token head
             packed = {}
             for task in heads:
                 emissions = self.model.logits(task, windowed, hidden[task]).float().cpu()  # (F, T, C)
-                packed[task] = self._pack(emissions, *layout)
+                packed[task] = windows.pack(emissions, *layout)
             for task in tasks:
                 decoded = self._decode(task, *self._with_evidence(task, packed), present, chunk)
                 for sample, tags in enumerate(decoded):
@@ -220,28 +215,9 @@ class Predictor:
         return {k: torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pad.get(k, 0)),
                               added[k].to(self.device)]) for k, v in batch.items()}, classified
 
-    @staticmethod
-    def _layout(best: list[dict[int, tuple[int, int, int]]], present: list[list[int]]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Where `_pack` puts each sample's words: the (N, W) mask of the words present (in order, left-aligned),
-        and for each of them, in that order, the window (feature) and position its emissions come from."""
-        width = max([len(p) for p in present] + [1])
-        mask = torch.arange(width)[None, :] < torch.tensor([len(p) for p in present])[:, None]
-        index = torch.tensor([b[w][1:] for b, words in zip(best, present) for w in words], dtype=torch.long)
-        return mask, *index.view(-1, 2).unbind(1)  # b[w]: (margin, feature, position)
-
-    @staticmethod
-    def _pack(emissions: torch.Tensor, mask: torch.Tensor, features: torch.Tensor, positions: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, W, C) emissions of each sample's words in order, each from the window where the word sits farthest
-        from an edge (`_layout`), zero past its words; and the (N, W) mask of the words present."""
-        packed = emissions.new_zeros(*mask.shape, emissions.shape[-1])
-        packed[mask] = emissions[features, positions]
-        return packed, mask
-
     def _decode(self, task: str, packed: torch.Tensor, mask: torch.Tensor, present: list[list[int]],
                 chunk: list[list[str]]) -> list[list[str]]:
-        """Packed word emissions (`_pack`) decoded in one batched Viterbi pass (argmax without a CRF); words
+        """Packed word emissions (`windows.pack`) decoded in one batched Viterbi pass (argmax without a CRF); words
         without a position get the outside tag."""
         tags = self.tasks[task].tag_set()
         outside = "O" if "O" in tags else ("S" if "S" in tags else tags[0])
