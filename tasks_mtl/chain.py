@@ -1,17 +1,19 @@
 """The linear-chain CRF recursions of decoding: Viterbi (best path) and forward-backward (tag marginals).
 
 Both are loops over positions whose every step is a (C x C) product or max over tiny arrays: in numpy a sentence
-costs a few calls per position, mostly call overhead (one sentence of 45 characters: 0.41 ms for POS's 89 tags, 0.23
+cost a few calls per position, mostly call overhead (one sentence of 45 characters: 0.41 ms for POS's 89 tags, 0.23
 ms for cws's 4). Here the loops are compiled by numba: 0.03 and 0.003 ms for that sentence, and 1.0 against 25 ms
-for a batch of 64 such sentences with 89 tags. Numba and the kernels are loaded on the first decode (numba's
-import costs ~0.3 s, so commands that never decode do not pay it); each kernel is compiled once per machine and
-kept in numba's on-disk cache (next to this file, else the user's cache directory; compiled afresh each process
-where neither is writable).
+for a batch of 64 such sentences with 89 tags (the forward-backward: 0.15 against 0.39 ms for one sentence with 89
+tags, 0.02 against 0.31 with 4). Numba and the kernels are loaded on the first decode, so commands that never decode
+do not pay for them: the first compile on a machine took 2.2 s for both kernels; after it numba's on-disk cache (next
+to this file, else the user's cache directory; where neither is writable, a compile in each process) loads them in
+about 0.5 s, most of it numba's import. `mtl serve` pays it in its warm-up, before it reports ready.
 
 Both take torchcrf's parameters (`transitions[from, to]`) and left-aligned rows of `lengths[b]` positions.
-`viterbi` does torchcrf's fp32 sums in its order and keeps the first of equal scores as numpy's argmax does, so its
-paths are torchcrf's and the previous numpy code's to the bit; the forward-backward sums in float64 in another
-order than a matrix product does, so its marginals agree with that one to float64 rounding.
+`viterbi` does torchcrf's fp32 sums in its order and keeps the first of equal scores (as numpy's argmax), so its
+paths are torchcrf's (the tests compare); the forward-backward sums in float64 in another order than a matrix
+product would, so its marginals agree with the matrix form to float64 rounding. On the default model's 6,109
+test texts every record (tags and sentiment scores) came out identical to the numpy recursions'.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ classifiers: a text whose own encoding is the per-character one (most Chinese te
 row, any other that fits a window from a row of its own encoding added to the same pass. The encoder's layers
 run in bf16 where the hardware does bf16 natively (`precision`); on the default model that changed no test metric
 by more than 0.0006 and made evaluation 1.8x faster. At inference they run through tasks_mtl.fast_encoder (the
-same numbers as transformers' layers, less overhead). `quantize=True` swaps the Linear layers for dynamic int8
-ones (weights int8, activations quantised per batch) for CPU serving.
+same numbers as transformers' layers, less overhead); the CRFs' Viterbi and forward-backward are compiled
+(tasks_mtl.chain). `quantize=True` swaps the Linear layers for dynamic int8 ones (weights int8, activations
+quantised per batch) for CPU serving.
 """
 
 from __future__ import annotations
