@@ -42,7 +42,8 @@ def marginals(crf, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T, C) tag marginals of a linear-chain CRF (torchcrf's parameters) by forward-backward, compiled
     (tasks_mtl.chain: float64, exp space, each step rescaled); `mask` (B, T) marks each row's characters,
     left-aligned; padding positions get 0."""
-    params = (t.detach().cpu().numpy() for t in (emissions, crf.start_transitions, crf.end_transitions, crf.transitions))
+    params = (t.detach().cpu().double().numpy() for t in (emissions, crf.start_transitions, crf.end_transitions,
+                                                           crf.transitions))
     return torch.from_numpy(chain.marginals(*params, mask.detach().cpu().sum(1).numpy())).float()
 
 

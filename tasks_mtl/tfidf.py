@@ -48,8 +48,8 @@ def tfidf_terms(tables: NgramTables, vocab: int, ids: torch.Tensor, mask: torch.
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T) ids and mask -> (text, column, tf) of every distinct n-gram of each text: columns are the token id
     for unigrams, then `vocab + row` for bigrams and `vocab + bigram rows + row` for trigrams. Grouped by order,
-    each sorted by (text, column). The counting runs in numpy on the CPU (a third of torch's per-call cost on one
-    sentence); the tensors come back on `ids`' device."""
+    each sorted by (text, column). The counting runs in numpy on the CPU (one sentence: 100 us against 150 with
+    torch's per-call costs); the tensors come back on `ids`' device."""
     real = mask.bool().cpu().numpy()
     texts, columns, counts = [], [], []
     offset = 0
