@@ -98,6 +98,23 @@ def test_batched_viterbi_finds_torchcrfs_paths(tags, rows, length):
     assert ours.paths(emissions_with_none, none) == [paths[0], [], *paths[1:]]
 
 
+def test_viterbi_keeps_the_first_of_equal_scores_as_torchcrf():
+    """All-zero parameters make every path equal: the compiled Viterbi (tasks_mtl.chain) must pick torchcrf's."""
+    from torchcrf import CRF
+
+    from tasks_mtl.tasks.token_classification import _crf_class
+
+    for tags in (3, 89):
+        reference, ours = CRF(tags, batch_first=True), _crf_class()(tags, batch_first=True)
+        for p in reference.parameters():
+            torch.nn.init.zeros_(p)
+        ours.load_state_dict(reference.state_dict())
+        emissions = torch.zeros(2, 5, tags)
+        emissions[1, 2, tags - 1] = 1.0  # one position with a clear winner among ties
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        assert ours.decode(emissions, mask) == reference.decode(emissions, mask) == [[0] * 5, [0, 0, tags - 1, 0, 0]]
+
+
 def _count_passes(predictor, monkeypatch) -> list[list[str]]:
     passes: list[list[str]] = []
     encode = predictor.model.tasks_hidden
