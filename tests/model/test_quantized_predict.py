@@ -115,6 +115,24 @@ def test_viterbi_keeps_the_first_of_equal_scores_as_torchcrf():
         assert ours.decode(emissions, mask) == reference.decode(emissions, mask) == [[0] * 5, [0, 0, tags - 1, 0, 0]]
 
 
+def test_viterbi_adds_the_emission_before_comparing_as_torchcrf():
+    """Candidates 1 and 1 + 2^-23 differ, but + 3.0 rounds both to 4.0 in fp32: torchcrf compares the sums with the
+    emission and keeps the first tag; comparing before adding it would keep the second."""
+    from torchcrf import CRF
+
+    from tasks_mtl.tasks.token_classification import _crf_class
+
+    reference, ours = CRF(2, batch_first=True), _crf_class()(2, batch_first=True)
+    for p in reference.parameters():
+        torch.nn.init.zeros_(p)
+    with torch.no_grad():
+        reference.start_transitions.copy_(torch.tensor([1.0, 1.0 + 2.0**-23]))
+    ours.load_state_dict(reference.state_dict())
+    emissions = torch.tensor([[[0.0, 0.0], [3.0, 3.0]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert ours.decode(emissions, mask) == reference.decode(emissions, mask) == [[0, 0]]
+
+
 def _count_passes(predictor, monkeypatch) -> list[list[str]]:
     passes: list[list[str]] = []
     encode = predictor.model.tasks_hidden
