@@ -189,5 +189,9 @@ def save_state(state: dict[str, Any], directory: Path) -> None:
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    tensors = load_file(str(directory / "state.safetensors"))
+    """The training state `save_state` wrote, in this process's own memory. `load_file` maps the file copy-on-write,
+    and an optimizer keeps the tensors it is given: every first write to a 4 KiB page of its moments would then copy
+    that page in a fault. SparseAdam writes a few rows of its n-gram tables per step, so a resumed stage paid that
+    on most steps (~7 ms each for the two moments of the 179,115 x 64 bigram table)."""
+    tensors = {k: v.clone() for k, v in load_file(str(directory / "state.safetensors")).items()}
     return _join(json.loads((directory / "state.json").read_text()), tensors)

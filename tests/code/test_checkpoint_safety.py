@@ -162,3 +162,31 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(tiny_toke
     again = load_checkpoint(tmp_path / "ckpt")[0]
     assert torch.equal(again.heads["ner"].emit.weight, model.heads["ner"].emit.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .tmp or .old left behind
+
+
+def test_a_loaded_training_state_is_private_memory_not_a_view_of_the_file(tmp_path):
+    """An optimizer keeps the state tensors it is given. Mapped from the file, every first write to a page of them
+    copied that page in a fault (a resumed stage's SparseAdam paid it on most steps); a view of the file would
+    also change when the file does. Rewriting the file's bytes after loading must leave the loaded state alone."""
+    from safetensors import safe_open
+
+    from tasks_mtl.checkpoint import load_state, save_state
+
+    moment = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    save_state({"optimizer": [{"state": {"0": {"exp_avg": moment}}}], "step": 7}, tmp_path)
+    loaded = load_state(tmp_path)
+    exp_avg = loaded["optimizer"][0]["state"]["0"]["exp_avg"]
+    assert loaded["step"] == 7 and torch.equal(exp_avg, moment)
+
+    path = tmp_path / "state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        (name,) = f.keys()
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    begin, end = json.loads(path.read_bytes()[8:8 + header])[name]["data_offsets"]
+    with path.open("r+b") as raw:  # the same file, rewritten in place: -1.0 in every element
+        raw.seek(8 + header + begin)
+        raw.write(torch.full((64, 64), -1.0).numpy().tobytes())
+    assert end - begin == moment.numel() * 4
+    assert torch.equal(exp_avg, moment), "the loaded state follows the file: it is a mapping of it"
+    exp_avg.add_(1.0)  # and it is writable, as an optimizer's moment must be
+    assert torch.equal(exp_avg, moment + 1.0)
