@@ -40,7 +40,9 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         scale = torch.tensor(1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
-        mask = torch.where(keep_mask(x.shape, p, x.device), scale, torch.zeros((), dtype=x.dtype, device=x.device))
+        # bool -> bf16 has no vectorised CPU kernel (840 us for a 32 x 128 x 256 mask by `torch.where`), uint8 -> bf16
+        # has: 0 or 1 as bytes, then times the scale (130 us), the same values bit for bit
+        mask = keep_mask(x.shape, p, x.device).view(torch.uint8).to(x.dtype).mul_(scale)
         ctx.save_for_backward(mask)
         return x * mask
 

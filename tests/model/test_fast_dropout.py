@@ -47,6 +47,22 @@ def test_dropout_scales_what_it_keeps_and_its_gradient_follows_the_same_mask(dty
     assert torch.allclose(x.grad.float(), expected, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_is_x_times_the_scale_in_x_dtype_where_keep_mask_keeps_bit_for_bit(dtype):
+    """The mask is built from bytes for speed; its values must be exactly where(keep, 1 / (1 - p) in x's dtype, 0),
+    forward and backward (p = 0.1: the scale 1.11... rounds differently in bf16 and fp32)."""
+    x = torch.randn(8, 37, 64).to(dtype).requires_grad_()
+    torch.manual_seed(5)
+    y = dropout(x, 0.1)
+    torch.manual_seed(5)
+    scale = torch.tensor(1 / 0.9, dtype=dtype)
+    mask = torch.where(keep_mask(x.shape, 0.1), scale, torch.zeros((), dtype=dtype))
+    assert torch.equal(y, x.detach() * mask) and y.dtype == dtype
+    grad = torch.randn(8, 37, 64).to(dtype)
+    y.backward(grad)
+    assert torch.equal(x.grad, grad * mask)
+
+
 def test_fast_dropout_module_is_the_identity_in_eval_and_drops_in_training():
     layer = FastDropout(0.3)
     x = torch.randn(5, 6)
