@@ -75,7 +75,7 @@ def _crf_class():
 
         def _viterbi_decode(self, emissions: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
             """torchcrf's Viterbi (the same fp32 sums, so the same paths), compiled (tasks_mtl.chain): one sentence
-            of 45 characters in 0.03 ms against torchcrf's 0.85-0.99 ms for POS's 89 tags."""
+            of 45 characters in 0.044 ms against torchcrf's 0.85-0.99 ms for POS's 89 tags."""
             # emissions (T, B, C), mask (T, B) left-aligned, time first as in torchcrf
             return self.paths(emissions.transpose(0, 1), mask.sum(0))
 
