@@ -5,7 +5,10 @@ For each variant: single-sentence p50/p99 (texts of at most 64 characters, one r
 Python API (`Predictor.predict`) and over HTTP against `mtl serve` (started here as a subprocess on 127.0.0.1 with
 a free port, killed afterwards), and batch-64 throughput (sentences/s: requests of 64 texts, which the Predictor
 cuts by length at its default batch size) both ways. `--metrics` also scores every variant on the test split
-(the metric cost of bf16 and of int8 against fp32). Prints one JSON line.
+(the metric cost of bf16 and of int8 against fp32). "host" holds a reading of the host's speed before and after
+(`benchmarks/host.py`: a bf16 matmul rate and the load average): single-sentence figures on this 2-core machine move
+by 20-40% with its background load, and a rate well below the usual ~800-970 GFLOP/s says the run was slowed.
+Prints one JSON line.
 
     python benchmarks/predict_latency.py --model checkpoints/2-joint [--runs 200] [--metrics]
     python benchmarks/predict_latency.py --model models:/mtl-bert-zh@champion
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from host import reading
 
 MAX_CHARS = 64  # the single-sentence texts: up to 64 characters
 BATCH = 64
@@ -116,7 +120,7 @@ def served(model_dir: Path, params: str | None, options: list[str], texts: list[
         log.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None,
                         help="checkpoint dir or models:/ URI, resolved as `mtl predict` does (default: the champion)")
@@ -126,7 +130,7 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true", help="skip the served model")
     parser.add_argument("--metrics", action="store_true", help="also score fp32 and int8 on the test split")
     parser.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for `mtl serve`")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -145,7 +149,7 @@ def main() -> None:
     result: dict = {"benchmark": "predict_latency", "model": args.model or "champion", "checkpoint": str(model_dir),
                     "threads": torch.get_num_threads(), "texts": len(texts),
                     "mean_chars": round(float(np.mean([len(t) for t in texts])), 1), "runs": args.runs,
-                    "targets": TARGETS}
+                    "targets": TARGETS, "host": {"before": reading()}}
     variants = {"default": ({}, []), "fp32": ({"precision": "fp32"}, ["--precision", "fp32"]),
                 "int8": ({"quantize": True}, ["--quantize"])}
     for name, (options, flags) in variants.items():
@@ -171,7 +175,9 @@ def main() -> None:
             result[f"{name}_minus_fp32"] = {
                 task: {m: round(v - result["fp32"]["metrics"][task][m], 4) for m, v in values.items()}
                 for task, values in result[name]["metrics"].items()}
+    result["host"]["after"] = reading()
     print(json.dumps(result, ensure_ascii=False))
+    return result
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from host import matmul_gflops
 
 from tasks_mtl.config import load_config
 from tasks_mtl.data.prepare import prepare, read_split
@@ -63,22 +64,7 @@ from tasks_mtl.tokenization import TOKENIZER_DIR, load_tokenizer, tokenize
 
 TASK = "sentiment"
 MAX_LENGTH = 128  # every variant's texts are cut here (fewer tokens if the encoder has fewer positions)
-MATMUL_N = 2048
 TARGETS = {"project_vs_hf_grouped": 2.0, "project_vs_hf_best": 1.2, "project_share_of_bf16_peak": 0.4}
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = MATMUL_N, warmup: int = 3, repeats: int = 10) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` at torch's thread count, after `warmup` untimed runs."""
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b, out=out)
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
 
 
 def bench_config(args, scratch: Path, max_length: int):

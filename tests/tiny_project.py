@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module, its folder importable as when it runs as a script (benchmarks/host.py)."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 TINY_WORDS = ["我们", "今天", "北京", "天气", "非常", "喜欢", "这个", "手机", "质量", "朋友", "学习", "中国", "上海", "公司"]
 TINY_NAMES = ["张伟", "李娜", "王芳"]

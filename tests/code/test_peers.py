@@ -1,12 +1,11 @@
 """Classical peers (tasks_mtl/peers.py), benchmarks/peers.py and `mtl compare`, on the tiny project."""
 
 import gc
-import importlib.util
 import json
 from collections import Counter
 
 import pytest
-from tiny_project import REPO_ROOT
+from tiny_project import load_benchmark
 from typer.testing import CliRunner
 
 from tasks_mtl.cli import app
@@ -107,26 +106,19 @@ def test_compare_rows_use_the_gated_metric_and_mark_missing_model_values():
     assert all(r[1] != "train_s" for r in compare_rows(model, peers))
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("peers_benchmark", REPO_ROOT / "benchmarks" / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _table_rows(output: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("│").split("│")] for line in output.splitlines()
             if line.startswith("│")]
 
 
-def test_benchmark_merges_and_compare_prints_a_row_per_task(tiny_cfg, capsys):
+def test_benchmark_merges_and_compare_prints_a_row_per_task(tiny_cfg, capsys, monkeypatch):
     params, reports = tiny_cfg.root / "params.yaml", tiny_cfg.root / "reports"
     reports.mkdir()
     (reports / "peers.json").write_text(json.dumps({"pos": {"accuracy": 0.93, "f1": 0.92, "train_s": 1.0}}))
     # the tiny project has prepared splits and no raw data: re-preparing would fail, so this also
     # checks that the benchmark leaves existing prepared data alone
-    line = _benchmark().main(["--params", str(params), "--tasks", "sentiment,ner,cws,mlm",
-                              "--max-iterations", "20"])
+    benchmark = load_benchmark("peers", monkeypatch)
+    line = benchmark.main(["--params", str(params), "--tasks", "sentiment,ner,cws,mlm", "--max-iterations", "20"])
     printed = capsys.readouterr()
     assert json.loads(printed.out.strip().splitlines()[-1]) == line
     assert "skipping mlm" in printed.err

@@ -1,24 +1,17 @@
 """benchmarks/train_throughput.py on the tiny project: one JSON line, every variant measured, nothing written
 to the project's tokenized cache or checkpoints."""
 
-import importlib.util
 import json
 
 import pytest
-from tiny_project import REPO_ROOT
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", REPO_ROOT / "benchmarks" / "train_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_project import load_benchmark
 
 
 @pytest.mark.slow
-def test_benchmark_measures_every_variant_in_scratch_dirs(tiny_cfg, capsys):
-    line = _benchmark().main(["--params", str(tiny_cfg.root / "params.yaml"), "--steps", "3", "--warmup-steps", "1",
-                              "--batch-size", "8"])
+def test_benchmark_measures_every_variant_in_scratch_dirs(tiny_cfg, capsys, monkeypatch):
+    benchmark = load_benchmark("train_throughput", monkeypatch)
+    line = benchmark.main(["--params", str(tiny_cfg.root / "params.yaml"), "--steps", "3", "--warmup-steps", "1",
+                           "--batch-size", "8"])
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and json.loads(printed[0]) == line
     for key in ("project", "hf_padded", "hf_grouped", "hf_best"):

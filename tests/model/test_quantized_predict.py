@@ -21,13 +21,18 @@ TEXTS = ["张伟在北京学习", "今天天气非常很好", "我们喜欢这�
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny project's first stage, trained once for the tests of this file."""
+def trained(tmp_path_factory):
+    """A tiny project and its first stage, trained once for the tests of this file."""
     from tiny_project import make_tiny_project
 
     cfg = make_tiny_project(tmp_path_factory.mktemp("quantize"))
     tokenize(cfg)
-    return train_stage(cfg, 0)
+    return cfg, train_stage(cfg, 0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained):
+    return trained[1]
 
 
 def test_batches_by_length_cover_every_row_once_shortest_first():
@@ -210,3 +215,23 @@ def test_bf16_runs_only_the_layers_in_bf16_and_agrees_with_fp32(checkpoint):
         Predictor.from_dir(checkpoint, device="cpu", precision="fp16")
     with pytest.raises(ValueError, match="exclude"):
         Predictor.from_dir(checkpoint, quantize=True, precision="bf16")
+
+
+def test_latency_benchmark_measures_every_variant_and_reads_the_host_speed_around_them(trained, capsys, monkeypatch):
+    """benchmarks/predict_latency.py without the server: one JSON line, the three variants measured on the tiny
+    model's test texts, and the host's bf16 matmul rate and load read before and after."""
+    from tiny_project import load_benchmark
+
+    cfg, model = trained
+    line = load_benchmark("predict_latency", monkeypatch).main(
+        ["--model", str(model), "--params", str(cfg.root / "params.yaml"), "--no-http", "--runs", "5", "--batches", "1"])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and json.loads(printed[0]) == line
+    assert line["texts"] > 0 and 0 < line["mean_chars"] <= 64
+    assert {line[v]["precision"] for v in ("default", "fp32", "int8")} >= {"fp32"}
+    for variant in ("default", "fp32", "int8"):
+        python = line[variant]["python"]
+        assert 0 < python["p50_ms"] <= python["p99_ms"] and python["batch64_sentences_per_s"] > 0
+        assert "http" not in line[variant] and set(line[variant]["meets"]) == {"python_p50", "batch"}
+    for moment in ("before", "after"):
+        assert line["host"][moment]["matmul_bf16_gflops"] > 0 and line["host"][moment]["load_average"] >= 0
