@@ -31,6 +31,7 @@ from tasks_mtl.conflict import ConflictProbe, write_conflict_report
 from tasks_mtl.crf_fit import fit_window_crfs
 from tasks_mtl.distributed import Ranks, configured_device
 from tasks_mtl.fingerprint import fingerprint
+from tasks_mtl.heap import keep_freed_memory
 from tasks_mtl.model import MultiTaskModel, bf16_fast, new_model
 from tasks_mtl.ngrams import sparse_parameters
 from tasks_mtl.nonfinite import NonFiniteSteps
@@ -106,6 +107,7 @@ def train_stage(cfg: Config, index: int, log: LogFn | None = None, stop_after: i
     (a time budget: tasks_mtl/leaderboard.py). Under torchrun every rank calls it; `log` and `progress` are
     called on rank 0 only, with the metrics of all ranks.
     """
+    keep_freed_memory()  # no page faults for the memory each step allocates again (tasks_mtl/heap.py)
     stage = cfg.training.stages[index]
     out = stage_dir(cfg, index)
     if is_done(cfg, index):
