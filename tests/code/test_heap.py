@@ -33,8 +33,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // (len(leng
 
 
 def _faults_per_step(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", STEPS, mode], cwd=REPO_ROOT, capture_output=True, text=True, check=False,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    done = subprocess.run([sys.executable, "-c", STEPS, mode], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=False, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1])
 
