@@ -8,6 +8,11 @@ cuts by length at its default batch size) both ways. `--metrics` also scores eve
 (the metric cost of bf16 and of int8 against fp32). "host" holds a reading of the host's speed before and after
 (`benchmarks/host.py`: a bf16 matmul rate and the load average): single-sentence figures on this 2-core machine move
 by 20-40% with its background load, and a rate well below the usual ~800-970 GFLOP/s says the run was slowed.
+
+Single requests are sent back to back (`p50_ms`, `p99_ms`), the usual way, and also one at a time with a pause of
+`--pause-ms` before each (`paced_p50_ms`, `paced_p99_ms`; 20 ms by default, 0 skips it): a served model mostly sees
+requests that arrive after an idle moment, and on this host a sentence after 20 ms of idle took ~1.5-2 ms longer
+than one straight after another, with one torch thread as with two (so not the thread pool waking up).
 Prints one JSON line.
 
     python benchmarks/predict_latency.py --model checkpoints/2-joint [--runs 200] [--metrics]
@@ -56,22 +61,34 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
 
 
-def measure(call, texts: list[str], runs: int, batches: int) -> dict[str, float]:
-    """Latency of `call([text])` over `runs` texts and throughput of `call(64 texts)` over `batches` batches."""
-    for text in texts[:10]:  # warm-up: allocator, thread pool, tokenizer caches
-        call([text])
-    single = []
+def singles(call, texts: list[str], runs: int, pause_s: float = 0.0) -> list[float]:
+    """Seconds of `call([text])` for `runs` texts in turn, each after a pause of `pause_s` (not timed)."""
+    seconds = []
     for i in range(runs):
+        if pause_s:
+            time.sleep(pause_s)
         started = time.perf_counter()
         call([texts[i % len(texts)]])
-        single.append(time.perf_counter() - started)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def measure(call, texts: list[str], runs: int, batches: int, pause_ms: float = 0.0) -> dict[str, float]:
+    """Latency of `call([text])` over `runs` texts back to back and, when `pause_ms`, over the first `runs // 2` of
+    them again, each sent `pause_ms` after the previous answer; throughput of `call(64 texts)` over `batches` batches."""
+    for text in texts[:10]:  # warm-up: allocator, thread pool, tokenizer caches
+        call([text])
+    result = percentiles(singles(call, texts, runs))
+    if pause_ms:
+        paced = percentiles(singles(call, texts, max(runs // 2, 1), pause_ms / 1000))
+        result |= {f"paced_{key}": value for key, value in paced.items()}
     chunks = [[texts[(b * BATCH + j) % len(texts)] for j in range(BATCH)] for b in range(batches + 1)]
     call(chunks[0])
     started = time.perf_counter()
     for chunk in chunks[1:]:
         call(chunk)
     elapsed = time.perf_counter() - started
-    return {**percentiles(single), "batch64_sentences_per_s": round(batches * BATCH / elapsed, 1)}
+    return result | {"batch64_sentences_per_s": round(batches * BATCH / elapsed, 1)}
 
 
 def free_port() -> int:
@@ -81,7 +98,7 @@ def free_port() -> int:
 
 
 def served(model_dir: Path, params: str | None, options: list[str], texts: list[str], runs: int, batches: int,
-           timeout: float) -> dict[str, float]:
+           timeout: float, pause_ms: float = 0.0) -> dict[str, float]:
     """Start `mtl serve` on the model, wait for /health (at most `timeout` s), measure over HTTP, stop it."""
     import httpx
 
@@ -109,7 +126,7 @@ def served(model_dir: Path, params: str | None, options: list[str], texts: list[
             def call(chunk: list[str]) -> None:
                 client.post("/predict", json={"records": [{"text": t} for t in chunk]}).raise_for_status()
 
-            return {**measure(call, texts, runs, batches), "ready_s": round(ready_s, 1)}
+            return {**measure(call, texts, runs, batches, pause_ms), "ready_s": round(ready_s, 1)}
     finally:
         server.terminate()
         try:
@@ -127,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--params", default="params.yaml" if Path("params.yaml").is_file() else None)
     parser.add_argument("--runs", type=int, default=200, help="single-sentence requests per measurement")
     parser.add_argument("--batches", type=int, default=10, help="batches of 64 per throughput measurement")
+    parser.add_argument("--pause-ms", type=float, default=20.0,
+                        help="idle time before each paced single request (half as many as --runs); 0: none")
     parser.add_argument("--no-http", action="store_true", help="skip the served model")
     parser.add_argument("--metrics", action="store_true", help="also score fp32 and int8 on the test split")
     parser.add_argument("--server-timeout", type=float, default=180.0, help="seconds to wait for `mtl serve`")
@@ -149,16 +168,17 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"benchmark": "predict_latency", "model": args.model or "champion", "checkpoint": str(model_dir),
                     "threads": torch.get_num_threads(), "texts": len(texts),
                     "mean_chars": round(float(np.mean([len(t) for t in texts])), 1), "runs": args.runs,
-                    "targets": TARGETS, "host": {"before": reading()}}
+                    "pause_ms": args.pause_ms, "targets": TARGETS, "host": {"before": reading()}}
     variants = {"default": ({}, []), "fp32": ({"precision": "fp32"}, ["--precision", "fp32"]),
                 "int8": ({"quantize": True}, ["--quantize"])}
     for name, (options, flags) in variants.items():
         started = time.perf_counter()
         predictor = Predictor.from_dir(model_dir, device="cpu", **options)
         entry = {"precision": predictor.precision, "load_s": round(time.perf_counter() - started, 2),
-                 "python": measure(predictor.predict, texts, args.runs, args.batches)}
+                 "python": measure(predictor.predict, texts, args.runs, args.batches, args.pause_ms)}
         if not args.no_http:
-            entry["http"] = served(model_dir, args.params, flags, texts, args.runs, args.batches, args.server_timeout)
+            entry["http"] = served(model_dir, args.params, flags, texts, args.runs, args.batches, args.server_timeout,
+                                   args.pause_ms)
         if args.metrics:
             from tasks_mtl.evaluate import evaluate
 

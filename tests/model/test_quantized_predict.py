@@ -4,6 +4,7 @@ batched Viterbi, bf16 encoder layers, and the dynamic int8 model for CPU serving
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -224,7 +225,8 @@ def test_latency_benchmark_measures_every_variant_and_reads_the_host_speed_aroun
 
     cfg, model = trained
     line = load_benchmark("predict_latency", monkeypatch).main(
-        ["--model", str(model), "--params", str(cfg.root / "params.yaml"), "--no-http", "--runs", "5", "--batches", "1"])
+        ["--model", str(model), "--params", str(cfg.root / "params.yaml"), "--no-http", "--runs", "5", "--batches", "1",
+         "--pause-ms", "1"])
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and json.loads(printed[0]) == line
     assert line["texts"] > 0 and 0 < line["mean_chars"] <= 64
@@ -233,6 +235,29 @@ def test_latency_benchmark_measures_every_variant_and_reads_the_host_speed_aroun
     for variant in ("default", "fp32", "int8"):
         python = line[variant]["python"]
         assert 0 < python["p50_ms"] <= python["p99_ms"] and python["batch64_sentences_per_s"] > 0
+        assert 0 < python["paced_p50_ms"] <= python["paced_p99_ms"]
         assert "http" not in line[variant] and set(line[variant]["meets"]) == {"python_p50", "batch"}
     for moment in ("before", "after"):
         assert line["host"][moment]["matmul_bf16_gflops"] > 0 and line["host"][moment]["load_average"] >= 0
+
+
+def test_paced_single_requests_wait_before_each_call_and_time_only_the_call(monkeypatch):
+    """`--pause-ms`: each paced request starts at least the pause after the previous one ended, and the pause is
+    not part of its latency; without a pause there is no paced figure."""
+    from tiny_project import load_benchmark
+
+    benchmark = load_benchmark("predict_latency", monkeypatch)
+    spans = []
+
+    def call(texts):
+        started = time.perf_counter()
+        time.sleep(0.002)
+        spans.append((started, time.perf_counter(), texts))
+
+    seconds = benchmark.singles(call, ["a", "b", "c"], 4, pause_s=0.03)
+    assert [texts for *_, texts in spans] == [["a"], ["b"], ["c"], ["a"]]
+    assert all(later[0] - earlier[1] >= 0.03 for earlier, later in zip(spans, spans[1:]))
+    assert all(0.002 <= s < 0.03 for s in seconds)
+    paced = benchmark.measure(call, ["a", "b"], 4, 1, pause_ms=30)
+    assert set(paced) == {"p50_ms", "p99_ms", "paced_p50_ms", "paced_p99_ms", "batch64_sentences_per_s"}
+    assert "paced_p50_ms" not in benchmark.measure(call, ["a", "b"], 4, 1)
