@@ -11,8 +11,9 @@ by 20-40% with its background load, and a rate well below the usual ~800-970 GFL
 
 Single requests are sent back to back (`p50_ms`, `p99_ms`), the usual way, and also one at a time with a pause of
 `--pause-ms` before each (`paced_p50_ms`, `paced_p99_ms`; 20 ms by default, 0 skips it): a served model mostly sees
-requests that arrive after an idle moment, and on this host a sentence after 20 ms of idle took ~1.5-2 ms longer
-than one straight after another, with one torch thread as with two (so not the thread pool waking up).
+requests that arrive after an idle moment. On this host a sentence after 20 ms of idle took 1.5-2.0 ms longer than
+one straight after another in one process (2.4-3.3 ms in this benchmark's runs), with one torch thread as with two
+(so not the thread pool waking up).
 Prints one JSON line.
 
     python benchmarks/predict_latency.py --model checkpoints/2-joint [--runs 200] [--metrics]
